@@ -111,7 +111,10 @@ def parse_a1111(text: str) -> dict:
             line = line[len("Negative prompt:") :].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     result: dict = {"prompt": "\n".join(prompt_lines).strip(), "negative_prompt": "\n".join(negative_lines).strip()}
-    pairs = {key.strip(): (json.loads(value) if value.startswith('"') else value.strip()) for key, value in _A1111_PAIR.findall(settings_line)}
+    pairs = {
+        key.strip(): (json.loads(value) if value.startswith('"') else value.strip())
+        for key, value in _A1111_PAIR.findall(settings_line)
+    }
     try:
         if "Steps" in pairs:
             result["num_inference_steps"] = int(pairs["Steps"])

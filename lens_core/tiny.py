@@ -133,7 +133,9 @@ def _save_shards(state: dict[str, torch.Tensor], folder: Path, stem: str, index_
         save_file(part, str(folder / file_name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file_name))
         total += sum(t.numel() * t.element_size() for t in part.values())
-    (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / index_name).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def build_tiny_text_encoder(folder: Path, vocab_size: int, pad_token_id: int, generator: torch.Generator) -> None:
@@ -153,8 +155,13 @@ def build_tiny_text_encoder(folder: Path, vocab_size: int, pad_token_id: int, ge
         sliding_window=32,  # shorter than the tiny preamble, so the sliding layers really slide
         max_position_embeddings=131072,
         rope_parameters={
-            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            "original_max_position_embeddings": 4096, "truncate": False,
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+            "truncate": False,
         },
         pad_token_id=pad_token_id,
         eos_token_id=pad_token_id,
@@ -174,20 +181,35 @@ def build_tiny_text_encoder(folder: Path, vocab_size: int, pad_token_id: int, ge
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp.experts."
         # Random FP4 codes and scales near 2^-4: values up to 6/16, like a trained layer's range.
-        state[prefix + "gate_up_proj_blocks"] = torch.randint(0, 256, (experts, 2 * inter, hidden // 32, 16), generator=generator, dtype=torch.uint8)
-        state[prefix + "gate_up_proj_scales"] = torch.randint(121, 125, (experts, 2 * inter, hidden // 32), generator=generator, dtype=torch.uint8)
-        state[prefix + "down_proj_blocks"] = torch.randint(0, 256, (experts, hidden, inter // 32, 16), generator=generator, dtype=torch.uint8)
-        state[prefix + "down_proj_scales"] = torch.randint(121, 125, (experts, hidden, inter // 32), generator=generator, dtype=torch.uint8)
+        state[prefix + "gate_up_proj_blocks"] = torch.randint(
+            0, 256, (experts, 2 * inter, hidden // 32, 16), generator=generator, dtype=torch.uint8
+        )
+        state[prefix + "gate_up_proj_scales"] = torch.randint(
+            121, 125, (experts, 2 * inter, hidden // 32), generator=generator, dtype=torch.uint8
+        )
+        state[prefix + "down_proj_blocks"] = torch.randint(
+            0, 256, (experts, hidden, inter // 32, 16), generator=generator, dtype=torch.uint8
+        )
+        state[prefix + "down_proj_scales"] = torch.randint(
+            121, 125, (experts, hidden, inter // 32), generator=generator, dtype=torch.uint8
+        )
     folder.mkdir(parents=True, exist_ok=True)
     _save_shards(dict(sorted(state.items())), folder, "model", "model.safetensors.index.json", num_shards=3)
     config_dict = config.to_dict()
     config_dict["architectures"] = ["GptOssForCausalLM"]
     config_dict["quantization_config"] = {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
     }
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": pad_token_id, "pad_token_id": pad_token_id}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": pad_token_id, "pad_token_id": pad_token_id})
+    )
 
 
 def build_tiny_vae(folder: Path, generator: torch.Generator) -> None:
@@ -227,8 +249,6 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(str(out / "scheduler"))
     (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return out
-
-
 
 
 TINY_FORMAT_VERSION = 1  # bump when the tiny layout changes, so cached copies are rebuilt

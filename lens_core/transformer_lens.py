@@ -248,9 +248,13 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if inner_dim is not None and inner_dim != dim:
             raise ValueError(f"inner_dim ({inner_dim}) must equal num_attention_heads x attention_head_dim ({dim}).")
         if sum(axes_dims_rope) != attention_head_dim:
-            raise ValueError(f"axes_dims_rope {list(axes_dims_rope)} must sum to attention_head_dim {attention_head_dim}.")
+            raise ValueError(
+                f"axes_dims_rope {list(axes_dims_rope)} must sum to attention_head_dim {attention_head_dim}."
+            )
         if not (gate_mlp and rms_norm and multi_layer_encoder_feature):
-            raise ValueError("Lens checkpoints use gate_mlp, rms_norm and multi_layer_encoder_feature; other values are not supported.")
+            raise ValueError(
+                "Lens checkpoints use gate_mlp, rms_norm and multi_layer_encoder_feature; other values are not supported."
+            )
         num_text_layers = len(selected_layer_index)
         self.img_in = nn.Linear(in_channels, dim)
         self.txt_norm = nn.ModuleList([RMSNorm(enc_hidden_dim, eps=TEXT_NORM_EPS) for _ in range(num_text_layers)])
@@ -268,17 +272,30 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _check_text_inputs(self, encoder_hidden_states, encoder_hidden_states_mask, batch_size):
         expected_layers = len(self.config.selected_layer_index)
         if not isinstance(encoder_hidden_states, (list, tuple)) or len(encoder_hidden_states) != expected_layers:
-            got = len(encoder_hidden_states) if isinstance(encoder_hidden_states, (list, tuple)) else type(encoder_hidden_states).__name__
-            raise ValueError(f"encoder_hidden_states must be a list of {expected_layers} tensors (one per selected encoder layer), got {got}.")
+            got = (
+                len(encoder_hidden_states)
+                if isinstance(encoder_hidden_states, (list, tuple))
+                else type(encoder_hidden_states).__name__
+            )
+            raise ValueError(
+                f"encoder_hidden_states must be a list of {expected_layers} tensors (one per selected encoder layer), got {got}."
+            )
         shape = encoder_hidden_states[0].shape
         for layer in encoder_hidden_states:
-            if layer.ndim != 3 or layer.shape != shape or layer.shape[-1] != self.config.enc_hidden_dim or layer.shape[0] != batch_size:
+            if (
+                layer.ndim != 3
+                or layer.shape != shape
+                or layer.shape[-1] != self.config.enc_hidden_dim
+                or layer.shape[0] != batch_size
+            ):
                 raise ValueError(
                     f"each text feature tensor must be [B={batch_size}, S_txt, {self.config.enc_hidden_dim}] with one shared shape, "
                     f"got {[tuple(t.shape) for t in encoder_hidden_states]}."
                 )
         if encoder_hidden_states_mask is not None and tuple(encoder_hidden_states_mask.shape) != tuple(shape[:2]):
-            raise ValueError(f"encoder_hidden_states_mask must be [B, S_txt] = {tuple(shape[:2])}, got {tuple(encoder_hidden_states_mask.shape)}.")
+            raise ValueError(
+                f"encoder_hidden_states_mask must be [B, S_txt] = {tuple(shape[:2])}, got {tuple(encoder_hidden_states_mask.shape)}."
+            )
 
     def forward(
         self,
@@ -299,7 +316,9 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         batch_size, image_length, _ = hidden_states.shape
         height_tokens, width_tokens = _grid_from_img_shapes(img_shapes, batch_size)
         if height_tokens * width_tokens != image_length:
-            raise ValueError(f"img_shapes grid {height_tokens}x{width_tokens} does not match {image_length} image tokens.")
+            raise ValueError(
+                f"img_shapes grid {height_tokens}x{width_tokens} does not match {image_length} image tokens."
+            )
         self._check_text_inputs(encoder_hidden_states, encoder_hidden_states_mask, batch_size)
         # The timestep MLP is never quantized, so its weights carry the compute dtype.
         dtype = self.time_text_embed.timestep_embedder.linear_1.weight.dtype
@@ -333,7 +352,9 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # 6. The blocks.
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                image, text = self._gradient_checkpointing_func(block, image, text, temb, image_rope, text_rope, attention_mask)
+                image, text = self._gradient_checkpointing_func(
+                    block, image, text, temb, image_rope, text_rope, attention_mask
+                )
             else:
                 image, text = block(image, text, temb, image_rope, text_rope, attention_mask)
 
