@@ -33,6 +33,7 @@ SUFFIX = (
 
 # Harmony control markers such as <|start|> or <|end|>; a prompt must not be able to forge template blocks.
 CONTROL_MARKER = re.compile(r"<\|[^<>|]*\|>")
+PAD_TOKEN = "<|endoftext|>"
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -69,6 +70,16 @@ class TokenizedPrompts:
     truncated: list[bool]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The pad id: the tokenizer's pad token, else `<|endoftext|>` (what Lens pads with, id 199999 in GPT-OSS)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    token_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"The tokenizer has no pad token and no {PAD_TOKEN}; is it the GPT-OSS (harmony) tokenizer?")
+    return token_id
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -92,9 +103,7 @@ def tokenize_prompts(
             f"max_sequence_length={max_sequence_length} leaves no room for the prompt: the fixed preamble and "
             f"suffix take {len(prefix_ids) + len(suffix_ids)} tokens; use at least {len(prefix_ids) + len(suffix_ids) + 1}."
         )
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError("The tokenizer has no pad token; the Lens tokenizer pads with <|endoftext|>.")
+    pad_id = pad_token_id(tokenizer)
 
     rows, truncated = [], []
     for prompt in prompts:
