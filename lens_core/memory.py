@@ -208,7 +208,7 @@ def check_mode_fits(mode: MemoryMode, device: torch.device) -> None:
         if mode.needs_cuda:
             raise ValueError(
                 f"Memory mode {mode.name!r} needs a CUDA GPU and the device is {device}; "
-                f"use 'full', 'low' or 'minimal' here."
+                f"use 'full', 'balanced', 'low' or 'minimal' here."
             )
         return
     vram = usable_vram_gb(device if device.index is not None else None)

@@ -1,0 +1,155 @@
+"""Memory modes on the tiny model: every mode that exists on CPU runs and matches `full`; the rest say why not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens_core
+from lens_core import LensPipeline
+from lens_core.memory import (
+    MEMORY_MODES,
+    SIZE_ORDER,
+    LensOutOfMemoryError,
+    PinnedOffload,
+    apply_memory_mode,
+    choose_memory_mode,
+    next_smaller_mode,
+    run_with_oom_guard,
+)
+
+CPU_MODES = [name for name, mode in MEMORY_MODES.items() if not mode.needs_cuda]
+CUDA_MODES = [name for name, mode in MEMORY_MODES.items() if mode.needs_cuda]
+
+
+def _load(checkpoint):
+    pipe = LensPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        "a red fox",
+        negative_prompt="blurry",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=generator,
+        output_type="pt",
+    ).images
+
+
+@pytest.fixture(scope="module")
+def full_image(tiny_checkpoint):
+    return _image(apply_memory_mode(_load(tiny_checkpoint), "full", "cpu"))
+
+
+def test_public_api_is_exported():
+    assert lens_core.MEMORY_MODES is MEMORY_MODES and lens_core.apply_memory_mode is apply_memory_mode
+    for mode in MEMORY_MODES.values():
+        assert mode.description and mode.target and mode.max_ram_gb <= 32
+    assert set(SIZE_ORDER) <= set(MEMORY_MODES)
+
+
+@pytest.mark.parametrize("mode", CPU_MODES)
+def test_cpu_mode_runs_and_matches_full(tiny_checkpoint, full_image, mode):
+    pipe = apply_memory_mode(_load(tiny_checkpoint), mode, "cpu")
+    assert pipe.memory_mode == mode and pipe.lens_precision == MEMORY_MODES[mode].transformer_precision
+    assert pipe.vae.use_tiling == MEMORY_MODES[mode].vae_tiling
+    image = _image(pipe)
+    assert image.shape == full_image.shape and torch.isfinite(image).all()
+    if MEMORY_MODES[mode].transformer_precision == "none":  # placement alone never changes the numbers
+        torch.testing.assert_close(image, full_image, rtol=1e-5, atol=1e-5)
+    else:
+        cosine = torch.nn.functional.cosine_similarity(image.flatten() - 0.5, full_image.flatten() - 0.5, dim=0)
+        assert cosine >= 0.98
+
+
+def test_streaming_moves_each_layer_in_and_out(tiny_checkpoint):
+    """Count the per-layer onloads/offloads during one encode: one each per layer, then all back in CPU memory."""
+    pipe = apply_memory_mode(_load(tiny_checkpoint), "low", "cpu")
+    layers = pipe.text_encoder.model.layers
+    events = []
+    for layer in layers:
+        hooks = list(layer._forward_pre_hooks.values())
+        assert len(hooks) == 1  # the streaming hook
+        layer.register_forward_pre_hook(lambda module, args: events.append("in"))
+        layer.register_forward_hook(lambda module, args, output: events.append("out"))
+    pipe.encode_prompt("a red fox", device="cpu", do_classifier_free_guidance=False)
+    assert events == ["in", "out"] * len(layers)
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder.parameters())
+
+
+def test_pinned_offload_round_trip():
+    module = torch.nn.Linear(4, 3)
+    offload = PinnedOffload(module, torch.device("cpu"))
+    homes = [home for _tensor, home in offload.tensors]
+    assert offload.num_bytes() == (4 * 3 + 3) * 4
+    offload.onload()
+    offload.offload()
+    assert all(
+        tensor.data.data_ptr() == home.data_ptr() for (tensor, _), home in zip(offload.tensors, homes, strict=True)
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+@pytest.mark.parametrize("mode", CUDA_MODES)
+def test_cuda_modes_raise_clearly_on_cpu(tiny_pipe, mode):
+    with pytest.raises(ValueError, match=f"Memory mode '{mode}' needs a CUDA GPU.*use 'full'"):
+        apply_memory_mode(tiny_pipe, mode, "cpu")
+
+
+def test_bad_mode_auto_and_reapply(tiny_checkpoint, tiny_pipe):
+    with pytest.raises(ValueError, match="Unknown memory mode 'huge'.*'auto'.*'minimal'"):
+        apply_memory_mode(tiny_pipe, "huge", "cpu")
+    pipe = apply_memory_mode(_load(tiny_checkpoint), "auto", "cpu")
+    assert pipe.memory_mode == choose_memory_mode("cpu") == "full"
+    with pytest.raises(ValueError, match="already in memory mode 'full'"):
+        apply_memory_mode(pipe, "low", "cpu")
+
+
+def test_precision_override(tiny_checkpoint):
+    import bitsandbytes as bnb
+
+    pipe = apply_memory_mode(_load(tiny_checkpoint), "minimal", "cpu", transformer_precision="int8")
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.img_qkv, bnb.nn.Linear8bitLt)
+    assert _image(pipe).shape == (1, 3, 32, 32)
+
+
+def test_oom_guard_names_the_next_mode_and_the_pipeline_keeps_working(tiny_checkpoint):
+    pipe = apply_memory_mode(_load(tiny_checkpoint), "full", "cpu")
+
+    def run_out_of_memory():
+        _held = torch.empty(1024, 1024)  # freed with the frame when the guard handles the error
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(LensOutOfMemoryError, match="memory mode 'balanced'") as caught:
+        run_with_oom_guard(run_out_of_memory, "full")
+    assert isinstance(caught.value, ValueError) and "Tried to allocate 2.00 GiB" in str(caught.value)
+    with pytest.raises(LensOutOfMemoryError, match="smaller image size"):
+        run_with_oom_guard(run_out_of_memory, "sequential")
+    assert run_with_oom_guard(lambda: _image(pipe), "full").shape == (1, 3, 32, 32)
+    assert [next_smaller_mode(name) for name in ("fast", "low", "offload", "sequential")] == [
+        "balanced",
+        "minimal",
+        "sequential",
+        None,
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(MEMORY_MODES))
+def test_every_mode_runs_on_cuda(tiny_checkpoint, mode):
+    from lens_core.quantization import check_precision_available
+
+    try:
+        check_precision_available(MEMORY_MODES[mode].transformer_precision, "cuda")
+    except ValueError as error:
+        pytest.skip(str(error))
+    reference = _image(apply_memory_mode(_load(tiny_checkpoint), "full", "cuda"))
+    image = _image(apply_memory_mode(_load(tiny_checkpoint), mode, "cuda"))
+    cosine = torch.nn.functional.cosine_similarity(image.flatten() - 0.5, reference.flatten() - 0.5, dim=0)
+    assert cosine >= 0.98

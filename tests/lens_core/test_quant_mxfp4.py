@@ -1,0 +1,40 @@
+"""Our MXFP4 dequantization equals transformers' own, bit for bit, on the tiny checkpoint's expert tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from lens_core.safetensors_io import iter_checkpoint_tensors
+from lens_core.text_encoder import dequantize_mxfp4
+
+
+@pytest.fixture(scope="module")
+def expert_tensors(tiny_checkpoint):
+    return {
+        name: tensor
+        for name, tensor in iter_checkpoint_tensors(tiny_checkpoint / "text_encoder")
+        if "experts" in name and name.endswith(("_blocks", "_scales"))
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_mxfp4_is_bitwise_transformers(expert_tensors, dtype):
+    blocks_names = sorted(name for name in expert_tensors if name.endswith("_blocks"))
+    assert len(blocks_names) == 12  # 6 layers x (gate_up, down)
+    for name in blocks_names:
+        blocks, scales = expert_tensors[name], expert_tensors[name.replace("_blocks", "_scales")]
+        ours = dequantize_mxfp4(blocks, scales, dtype)  # [E, in, out]
+        theirs = convert_moe_packed_tensors(blocks.clone(), scales.clone(), dtype=dtype)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        assert torch.equal(
+            ours.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+            theirs.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        ), name
+
+
+def test_encoder_keeps_experts_as_bytes(tiny_pipe):
+    experts = tiny_pipe.text_encoder.model.layers[0].mlp.experts
+    assert experts.gate_up_proj_blocks.dtype == torch.uint8 and experts.down_proj_scales.dtype == torch.uint8
+    assert not hasattr(experts, "gate_up_proj")  # no dense copy next to the bytes
