@@ -153,3 +153,30 @@ def test_every_mode_runs_on_cuda(tiny_checkpoint, mode):
     image = _image(apply_memory_mode(_load(tiny_checkpoint), mode, "cuda"))
     cosine = torch.nn.functional.cosine_similarity(image.flatten() - 0.5, reference.flatten() - 0.5, dim=0)
     assert cosine >= 0.98
+
+
+def test_cli_memory_mode(tmp_path, monkeypatch):
+    from lens_core.cli import main
+
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path / "cache"))
+    common = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a fox",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    assert main([*common, "--memory-mode", "minimal", "--out", str(tmp_path / "fox.png")]) == 0
+    assert (tmp_path / "fox.png").is_file()
+    assert main([*common, "--memory-mode", "sequential", "--out", str(tmp_path / "no.png")]) == 2
+    assert not (tmp_path / "no.png").exists()

@@ -38,3 +38,6 @@ def test_encoder_keeps_experts_as_bytes(tiny_pipe):
     experts = tiny_pipe.text_encoder.model.layers[0].mlp.experts
     assert experts.gate_up_proj_blocks.dtype == torch.uint8 and experts.down_proj_scales.dtype == torch.uint8
     assert not hasattr(experts, "gate_up_proj")  # no dense copy next to the bytes
+    names = set(tiny_pipe.text_encoder.state_dict())
+    assert not any(name.startswith(("lm_head", "model.norm")) for name in names)  # features only
+    assert len(tiny_pipe.text_encoder.model.layers) == max(tiny_pipe.selected_layers) + 1  # stops at the last needed
