@@ -93,8 +93,16 @@ def _fill_random_(module: torch.nn.Module, generator: torch.Generator) -> None:
                 tensor.data.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
 
 
-def build_real_size_components(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict:
-    """Real-size Lens components with random weights on CPU (about 22 GB of RAM), tokenizer from the tiny builder."""
+def build_random_components(
+    encoder_config: dict,
+    transformer_config: dict | None = None,
+    vae_config: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> dict:
+    """Lens components with random weights on CPU, built as the loader builds them (MXFP4 expert bytes, float32
+    encoder norms); the tokenizer comes from the tiny builder. The defaults of the two configs are the real model
+    (about 22 GB of RAM in bf16)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
     from transformers import GptOssConfig
 
@@ -104,12 +112,12 @@ def build_real_size_components(dtype: torch.dtype = torch.bfloat16, seed: int = 
 
     generator = torch.Generator().manual_seed(seed)
     tokenizer = build_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="lens-bench-tokenizer-")))
-    config = GptOssConfig(
-        **REAL_ENCODER_CONFIG, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id
-    )
+    config = GptOssConfig(**encoder_config, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id)
+    transformer_config = transformer_config or {}
+    selected = tuple(transformer_config.get("selected_layer_index", (5, 11, 17, 23)))
     with torch.device("meta"):
-        encoder = LensGptOssEncoder(config, (5, 11, 17, 23), mxfp4=True)
-        transformer = LensTransformer2DModel()  # the defaults are the real config
+        encoder = LensGptOssEncoder(config, selected, mxfp4=True)
+        transformer = LensTransformer2DModel(**transformer_config)  # the defaults are the real config
     encoder = encoder.to_empty(device="cpu")
     encoder.rotary_emb = type(encoder.rotary_emb)(config)  # computed tables, not weights
     _fill_random_(encoder.model, generator)
@@ -119,7 +127,7 @@ def build_real_size_components(dtype: torch.dtype = torch.bfloat16, seed: int = 
         layer.post_attention_layernorm.float()
     transformer = transformer.to_empty(device="cpu")
     _fill_random_(transformer, generator)
-    vae = AutoencoderKLFlux2()  # FLUX.2 VAE defaults: 32 latent channels, downsampling 8
+    vae = AutoencoderKLFlux2(**(vae_config or {}))  # FLUX.2 VAE defaults: 32 latent channels, downsampling 8
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         "tokenizer": tokenizer,
@@ -127,6 +135,11 @@ def build_real_size_components(dtype: torch.dtype = torch.bfloat16, seed: int = 
         "transformer": transformer.to(dtype).eval().requires_grad_(False),
         "vae": vae.to(dtype).eval().requires_grad_(False),
     }
+
+
+def build_real_size_components(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict:
+    """The real-size Lens (4.1 B denoiser, 24-layer MXFP4 GPT-OSS, FLUX.2 VAE) with random weights on CPU."""
+    return build_random_components(REAL_ENCODER_CONFIG, dtype=dtype, seed=seed)
 
 
 def build_tiny_components(dtype: torch.dtype = torch.float32) -> dict:

@@ -86,7 +86,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             True,
             needs_cuda=False,
             min_free_vram_gb=20,
-            max_ram_gb=20,
+            max_ram_gb=16,
         ),
         MemoryMode(
             "low",
@@ -99,7 +99,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             True,
             needs_cuda=False,
             min_free_vram_gb=11,
-            max_ram_gb=20,
+            max_ram_gb=16,
         ),
         MemoryMode(
             "minimal",
@@ -112,7 +112,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             True,
             needs_cuda=False,
             min_free_vram_gb=6.5,
-            max_ram_gb=24,
+            max_ram_gb=18,
         ),
         MemoryMode(
             "offload",
@@ -125,7 +125,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             True,
             needs_cuda=True,
             min_free_vram_gb=13,
-            max_ram_gb=28,
+            max_ram_gb=24,
         ),
         MemoryMode(
             "sequential",
@@ -138,7 +138,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             True,
             needs_cuda=True,
             min_free_vram_gb=3,
-            max_ram_gb=28,
+            max_ram_gb=24,
         ),
     )
 }
@@ -180,6 +180,13 @@ def usable_vram_gb(device: torch.device | None = None) -> float:
     return usable / 2**30
 
 
+def total_ram_gb() -> float:
+    """System RAM installed, in GB (what a mode's `max_ram_gb` is compared with)."""
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30
+
+
 def available_ram_gb() -> float:
     """System RAM available to new allocations, in GB."""
     import psutil
@@ -187,19 +194,29 @@ def available_ram_gb() -> float:
     return psutil.virtual_memory().available / 2**30
 
 
+def pick_memory_mode(vram_gb: float, ram_gb: float) -> str:
+    """The largest mode in SIZE_ORDER whose GPU need fits `vram_gb` and whose CPU-memory need fits `ram_gb`."""
+    for name in SIZE_ORDER:
+        mode = MEMORY_MODES[name]
+        if mode.min_free_vram_gb <= vram_gb and mode.max_ram_gb <= ram_gb:
+            return name
+    raise ValueError(
+        f"No memory mode fits {vram_gb:.1f} GB of usable GPU memory and {ram_gb:.1f} GB of system RAM: "
+        + "; ".join(
+            f"{n} needs {MEMORY_MODES[n].min_free_vram_gb} GB GPU + {MEMORY_MODES[n].max_ram_gb} GB RAM"
+            for n in SIZE_ORDER
+        )
+        + ". Run on CPU with --device cpu."
+    )
+
+
 def choose_memory_mode(device: torch.device | str | None = None) -> str:
-    """The largest mode in SIZE_ORDER that fits the usable VRAM (CPU machines get `full`)."""
+    """`auto`: the largest mode that fits the usable VRAM and the system RAM (CPU machines get `full`)."""
     device = torch.device(device) if device is not None else None
     if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return "full"
     vram = usable_vram_gb(device if device is not None and device.index is not None else None)
-    for name in SIZE_ORDER:
-        if MEMORY_MODES[name].min_free_vram_gb <= vram:
-            return name
-    raise ValueError(
-        f"Only {vram:.1f} GB of GPU memory is usable; even 'sequential' needs "
-        f"{MEMORY_MODES['sequential'].min_free_vram_gb} GB. Run on CPU with --device cpu."
-    )
+    return pick_memory_mode(vram, total_ram_gb())
 
 
 def check_mode_fits(mode: MemoryMode, device: torch.device) -> None:
@@ -213,15 +230,17 @@ def check_mode_fits(mode: MemoryMode, device: torch.device) -> None:
         return
     vram = usable_vram_gb(device if device.index is not None else None)
     if vram < mode.min_free_vram_gb:
+        fitting = [name for name in SIZE_ORDER if MEMORY_MODES[name].min_free_vram_gb <= vram]
+        advice = f"{fitting[0]!r} fits this GPU" if fitting else "no mode fits it; run on CPU with --device cpu"
         raise ValueError(
             f"Memory mode {mode.name!r} needs about {mode.min_free_vram_gb} GB of GPU memory but only "
-            f"{vram:.1f} GB is usable; {choose_memory_mode(device)!r} fits this GPU."
+            f"{vram:.1f} GB is usable; {advice}."
         )
     check_precision_available(mode.transformer_precision, device)
-    ram = available_ram_gb()
+    ram = total_ram_gb()
     if ram < mode.max_ram_gb:
         logger.warning(
-            "Memory mode %s may need up to %.0f GB of system RAM; %.1f GB is available.",
+            "Memory mode %s may need up to %.0f GB of system RAM; this machine has %.1f GB.",
             mode.name,
             mode.max_ram_gb,
             ram,

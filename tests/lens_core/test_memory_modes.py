@@ -15,6 +15,7 @@ from lens_core.memory import (
     apply_memory_mode,
     choose_memory_mode,
     next_smaller_mode,
+    pick_memory_mode,
     run_with_oom_guard,
 )
 
@@ -180,3 +181,25 @@ def test_cli_memory_mode(tmp_path, monkeypatch):
     assert (tmp_path / "fox.png").is_file()
     assert main([*common, "--memory-mode", "sequential", "--out", str(tmp_path / "no.png")]) == 2
     assert not (tmp_path / "no.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("vram_gb", "ram_gb", "expected"),
+    [
+        (80, 64, "full"),
+        (23.5, 64, "balanced"),
+        (11.5, 32, "low"),
+        (7.5, 32, "minimal"),
+        (5.5, 32, "sequential"),
+        (80, 12, "full"),
+        (23.5, 12, None),
+        (7.5, 17, None),
+        (7.5, 20, "minimal"),
+    ],
+)
+def test_auto_picks_by_vram_and_ram(vram_gb, ram_gb, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="No memory mode fits .* GB of usable GPU memory"):
+            pick_memory_mode(vram_gb, ram_gb)
+    else:
+        assert pick_memory_mode(vram_gb, ram_gb) == expected
