@@ -260,6 +260,7 @@ class PinnedOffload:
         self.module, self.device = module, torch.device(device)
         pin = torch.cuda.is_available() and self.device.type == "cuda"
         self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live tensor, its CPU home)
+        self.is_onloaded = False
         seen = set()
         for tensor in [*module.parameters(), *module.buffers()]:
             if id(tensor) in seen:
@@ -275,11 +276,13 @@ class PinnedOffload:
         """Copy every tensor to the device (asynchronously from pinned memory)."""
         for tensor, home in self.tensors:
             tensor.data = home.to(self.device, non_blocking=True)
+        self.is_onloaded = True
 
     def offload(self) -> None:
         """Point every tensor back at its CPU copy; the device copies are freed."""
         for tensor, home in self.tensors:
             tensor.data = home
+        self.is_onloaded = False
 
     def num_bytes(self) -> int:
         return sum(home.numel() * home.element_size() for _tensor, home in self.tensors)
@@ -308,7 +311,8 @@ def _attach_offload(module: nn.Module, device: torch.device) -> PinnedOffload:
         return output
 
     module.register_forward_pre_hook(before, with_kwargs=True)
-    module.register_forward_hook(after, with_kwargs=True)
+    # always_call: an error inside (a CUDA out-of-memory, say) still sends the weights back to CPU memory.
+    module.register_forward_hook(after, with_kwargs=True, always_call=True)
     return offload
 
 
@@ -316,7 +320,7 @@ def enable_encoder_swap(encoder: nn.Module, device: torch.device) -> PinnedOfflo
     """The whole encoder lives in CPU memory and is on `device` only while it encodes."""
     _check_not_placed(encoder)
     offload = _attach_offload(encoder, device)
-    encoder.lens_placement = "swap"
+    encoder.lens_placement, encoder.lens_offloads = "swap", [offload]
     logger.info("Text encoder swapped in while encoding (%.2f GB in CPU memory)", offload.num_bytes() / 2**30)
     return offload
 
@@ -330,7 +334,7 @@ def enable_encoder_streaming(encoder: nn.Module, device: torch.device) -> list[P
     _check_not_placed(encoder)
     encoder.to("cpu")  # embedding and rotary tables stay here; each layer's hook moves its inputs to `device`
     offloads = [_attach_offload(layer, device) for layer in encoder.model.layers]
-    encoder.lens_placement = "stream"
+    encoder.lens_placement, encoder.lens_offloads = "stream", offloads
     total = sum(offload.num_bytes() for offload in offloads)
     logger.info("Text encoder streamed layer by layer (%d layers, %.2f GB in CPU memory)", len(offloads), total / 2**30)
     return offloads

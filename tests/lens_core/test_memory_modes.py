@@ -203,3 +203,23 @@ def test_auto_picks_by_vram_and_ram(vram_gb, ram_gb, expected):
             pick_memory_mode(vram_gb, ram_gb)
     else:
         assert pick_memory_mode(vram_gb, ram_gb) == expected
+
+
+def test_offload_hook_runs_even_when_the_layer_fails(tiny_checkpoint):
+    """An error inside a streamed layer (e.g. out of memory) must still send its weights back to CPU memory."""
+    pipe = apply_memory_mode(_load(tiny_checkpoint), "low", "cpu")
+    layer = pipe.text_encoder.model.layers[1]
+    seen = []
+
+    def fail(module, args):
+        seen.append([offload.is_onloaded for offload in pipe.text_encoder.lens_offloads])
+        raise torch.OutOfMemoryError("simulated")
+
+    handle = layer.register_forward_pre_hook(fail)  # runs after the streaming hook has onloaded the layer
+    with pytest.raises(LensOutOfMemoryError):
+        run_with_oom_guard(lambda: pipe.encode_prompt("a fox", device="cpu", do_classifier_free_guidance=False), "low")
+    handle.remove()
+    assert seen == [[False, True, False, False, False]]  # layer 1 was on the device when it failed
+    assert not any(offload.is_onloaded for offload in pipe.text_encoder.lens_offloads)  # and went back
+    embeds, *_ = pipe.encode_prompt("a fox", device="cpu", do_classifier_free_guidance=False)
+    assert torch.isfinite(embeds[0]).all()
