@@ -41,7 +41,7 @@ class MemoryMode:
     transformer_precision: str  # a key of lens_core.quantization.PRECISIONS
     encoder_placement: str  # resident | swap (whole, while encoding) | stream (layer by layer) | model_offload
     transformer_placement: str  # resident | model_offload (diffusers) | group_offload (block by block)
-    vae_tiling: bool
+    vae_tile_px: int | None  # the VAE decodes in tiles of this many pixels (None: in one piece)
     needs_cuda: bool  # False: also runs on CPU, where moving between CPU and GPU memory is a no-op
     min_free_vram_gb: float  # what `auto` and the fit check require
     max_ram_gb: float  # system RAM the mode needs at most (bf16 weights held in CPU memory, with headroom)
@@ -57,7 +57,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "none",
             "resident",
             "resident",
-            False,
+            None,
             needs_cuda=False,
             min_free_vram_gb=26,
             max_ram_gb=8,
@@ -70,7 +70,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "fp8-compute",
             "resident",
             "resident",
-            False,
+            None,
             needs_cuda=True,
             min_free_vram_gb=21,
             max_ram_gb=8,
@@ -78,12 +78,12 @@ MEMORY_MODES: dict[str, MemoryMode] = {
         MemoryMode(
             "balanced",
             "bf16 denoiser and VAE resident; the text encoder waits in pinned CPU memory and is on "
-            "the GPU only while it encodes a new prompt; VAE tiling.",
+            "the GPU only while it encodes a new prompt; the VAE decodes images above 1024 px in tiles.",
             "24 GB (RTX 3090 / 4090)",
             "none",
             "swap",
             "resident",
-            True,
+            1024,
             needs_cuda=False,
             min_free_vram_gb=20,
             max_ram_gb=16,
@@ -91,12 +91,12 @@ MEMORY_MODES: dict[str, MemoryMode] = {
         MemoryMode(
             "low",
             "bf16 denoiser resident; the text encoder streams from pinned CPU memory one layer at a "
-            "time (a few hundred MB on the GPU); VAE tiling. Same images as full.",
+            "time (a few hundred MB on the GPU); VAE in 512 px tiles. Same latents as full.",
             "12-16 GB (RTX 3060 12 GB, 4070, 4080)",
             "none",
             "stream",
             "resident",
-            True,
+            512,
             needs_cuda=False,
             min_free_vram_gb=11,
             max_ram_gb=16,
@@ -104,12 +104,12 @@ MEMORY_MODES: dict[str, MemoryMode] = {
         MemoryMode(
             "minimal",
             "NF4 denoiser (modulation layers, time embedding and output norm kept in bf16) "
-            "resident; text encoder streamed; VAE tiling.",
+            "resident; text encoder streamed; VAE in 512 px tiles.",
             "8 GB (RTX 3070, 4060)",
             "nf4",
             "stream",
             "resident",
-            True,
+            512,
             needs_cuda=False,
             min_free_vram_gb=6.5,
             max_ram_gb=18,
@@ -117,12 +117,12 @@ MEMORY_MODES: dict[str, MemoryMode] = {
         MemoryMode(
             "offload",
             "diffusers model CPU offload: one whole component (encoder, denoiser, VAE) on the GPU "
-            "at a time, moved per generation; bf16; VAE tiling.",
+            "at a time, moved per generation; bf16; VAE in 512 px tiles.",
             "16 GB (RTX 4060 Ti 16 GB, 4080)",
             "none",
             "model_offload",
             "model_offload",
-            True,
+            512,
             needs_cuda=True,
             min_free_vram_gb=13,
             max_ram_gb=24,
@@ -130,12 +130,12 @@ MEMORY_MODES: dict[str, MemoryMode] = {
         MemoryMode(
             "sequential",
             "bf16 denoiser offloaded block by block (diffusers group offload with CUDA streams); "
-            "text encoder streamed; VAE tiling. Slowest, smallest.",
+            "text encoder streamed; VAE in 512 px tiles. Slowest, smallest.",
             "6 GB and smaller cards",
             "none",
             "stream",
             "group_offload",
-            True,
+            512,
             needs_cuda=True,
             min_free_vram_gb=3,
             max_ram_gb=24,
@@ -394,11 +394,19 @@ def apply_memory_mode(
             )
         else:
             pipe.transformer.to(device)
-    if spec.vae_tiling:
-        pipe.vae.enable_tiling()
+    if spec.vae_tile_px:
+        _enable_vae_tiling(pipe.vae, spec.vae_tile_px)
     pipe.memory_mode = mode
     pipe.lens_precision = precision
     return pipe
+
+
+def _enable_vae_tiling(vae, tile_px: int) -> None:
+    """Decode in overlapping tiles of `tile_px` pixels: the decoder's activations, not the weights, are what grows
+    with the image (several GB at 1440x1440 in one piece). Images larger than a tile differ slightly near the seams."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _place_encoder(pipe, spec: MemoryMode, device: torch.device) -> None:
