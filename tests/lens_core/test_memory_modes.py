@@ -242,3 +242,10 @@ def test_tiled_decode_runs_through_the_pipeline(tiny_checkpoint, full_image):
     # Not compared closer: the VAE's mid-block attention sees only its tile, so a random tiny VAE with 4-latent tiles
     # gives a visibly different picture; on the real VAE at 512 px tiles the difference is at the seams.
     assert torch.isfinite(tiled).all() and tiled.min() >= 0 and tiled.max() <= 1
+
+
+def test_from_pretrained_takes_a_memory_mode(tiny_checkpoint):
+    pipe = LensPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32, memory_mode="minimal", device="cpu")
+    assert pipe.memory_mode == "minimal" and pipe.lens_precision == "nf4"
+    with pytest.raises(ValueError, match="Unknown memory mode 'tiny'"):
+        LensPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32, memory_mode="tiny")
