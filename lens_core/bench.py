@@ -71,6 +71,7 @@ class BenchRow:
     peak_gpu_gb: float | None = None
     peak_ram_gb: float | None = None
     cosine_to_full: float | None = None
+    cfg_slowdown: float | None = None  # guidance-1 variants: loop time with the unconditional pass / without it
     extra: dict = field(default_factory=dict)
 
 
@@ -204,6 +205,14 @@ def measure(pipe, mode: str, variant: str, size: int, device: torch.device, repe
         _sync(device)
         image.append(time.perf_counter() - start)
     row.step_s = min(denoise) / steps
+    if guidance <= 1.0:  # the pipeline skips the unconditional half: show what that saves (target >= 1.8x)
+        with_cfg = []
+        for _ in range(2):  # the first run warms up the doubled batch (allocator, kernels, recompiles)
+            start = time.perf_counter()
+            run_with_oom_guard(lambda: _generate(pipe, size, steps, 2.0, "latent"), mode)
+            _sync(device)
+            with_cfg.append(time.perf_counter() - start)
+        row.cfg_slowdown = with_cfg[-1] / min(denoise)
     row.image_s = min(image)
     if device.type == "cuda":
         row.peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 2**30
@@ -277,6 +286,7 @@ HEADER = (
     "peak GPU GB",
     "peak RAM GB",
     "cos vs full",
+    "CFG-pass cost x",
     "status",
 )
 
@@ -297,6 +307,7 @@ def format_row(row: BenchRow) -> str:
         _number(row.peak_gpu_gb, 2),
         _number(row.peak_ram_gb, 2),
         _number(row.cosine_to_full, 4),
+        _number(row.cfg_slowdown, 2),
         row.status,
     )
     return "| " + " | ".join(cells) + " |"
