@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .memory import MEMORY_MODES, LensOutOfMemoryError, apply_memory_mode, free_device_memory, run_with_oom_guard
+from .memory import (
+    MEMORY_MODES,
+    LensOutOfMemoryError,
+    apply_memory_mode,
+    compile_transformer_blocks,
+    free_device_memory,
+    run_with_oom_guard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -247,8 +254,7 @@ def run_benchmark(
             continue
         pipe.set_progress_bar_config(disable=True)
         if compile_blocks:
-            for block in pipe.transformer.transformer_blocks:
-                block.compile()
+            compile_transformer_blocks(pipe.transformer)
         for variant in variants:
             for size in sizes:
                 try:

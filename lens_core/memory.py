@@ -370,6 +370,11 @@ def apply_memory_mode(
         raise ValueError(
             f"This pipeline is already in memory mode {pipe.memory_mode!r}; load it again to use {mode!r}."
         )
+    if spec.transformer_placement == "group_offload" and precision != "none":
+        raise ValueError(
+            f"Memory mode {mode!r} streams the denoiser block by block in its loaded precision; "
+            f"precision {precision!r} is not supported there. Use 'minimal' for a quantized denoiser."
+        )
     check_mode_fits(spec, device)
     check_precision_available(precision, device)
     if spec.needs_cuda is False and device.type != "cuda" and spec.encoder_placement != "resident":
@@ -399,6 +404,27 @@ def apply_memory_mode(
     pipe.memory_mode = mode
     pipe.lens_precision = precision
     return pipe
+
+
+def compile_transformer_blocks(transformer) -> None:
+    """`torch.compile` each denoiser block (compiled on first use, about a minute; each new image size recompiles)."""
+    for block in transformer.transformer_blocks:
+        block.compile()
+
+
+def format_memory_mode_table() -> str:
+    """The README's table of memory modes, generated from MEMORY_MODES so the two never disagree."""
+    lines = ["| mode | for | denoiser | text encoder | VAE tiles | what it does |", "|---|---|---|---|---|---|"]
+    for mode in MEMORY_MODES.values():
+        denoiser = {"none": "bf16"}.get(mode.transformer_precision, mode.transformer_precision)
+        if mode.transformer_placement != "resident":
+            denoiser += f", {mode.transformer_placement.replace('_', ' ')}"
+        tiles = f"{mode.vae_tile_px} px" if mode.vae_tile_px else "-"
+        lines.append(
+            f"| `{mode.name}` | {mode.target} | {denoiser} | {mode.encoder_placement.replace('_', ' ')} "
+            f"| {tiles} | {mode.description} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _enable_vae_tiling(vae, tile_px: int) -> None:

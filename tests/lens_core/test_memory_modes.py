@@ -249,3 +249,14 @@ def test_from_pretrained_takes_a_memory_mode(tiny_checkpoint):
     assert pipe.memory_mode == "minimal" and pipe.lens_precision == "nf4"
     with pytest.raises(ValueError, match="Unknown memory mode 'tiny'"):
         LensPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32, memory_mode="tiny")
+
+
+def test_mode_table_for_the_readme_and_bad_combinations(tiny_pipe):
+    from lens_core.memory import format_memory_mode_table
+
+    table = format_memory_mode_table()
+    assert all(f"| `{name}` | {mode.target} |" in table for name, mode in MEMORY_MODES.items())
+    with pytest.raises(ValueError, match="precision 'nf4' is not supported there.*'minimal'"):
+        apply_memory_mode(tiny_pipe, "sequential", "cpu", transformer_precision="nf4")
+    with pytest.raises(ValueError, match="Unknown denoiser precision 'fp4'"):
+        apply_memory_mode(tiny_pipe, "low", "cpu", transformer_precision="fp4")
