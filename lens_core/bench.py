@@ -150,12 +150,14 @@ def build_real_size_components(dtype: torch.dtype = torch.bfloat16, seed: int = 
     return build_random_components(REAL_ENCODER_CONFIG, dtype=dtype, seed=seed)
 
 
-def build_tiny_components(dtype: torch.dtype = torch.float32) -> dict:
-    """The tiny checkpoint's components, loaded like a real one."""
-    from .loading import load_components
+def build_tiny_components(dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None) -> dict:
+    """The components of `checkpoint` (a Lens folder: the real weights if you have them), else of the cached tiny
+    checkpoint, loaded as `LensPipeline.from_pretrained` loads them."""
+    from .loading import load_components, resolve_checkpoint
     from .tiny import ensure_tiny_checkpoint
 
-    return load_components(ensure_tiny_checkpoint(), torch_dtype=dtype)
+    folder = resolve_checkpoint(checkpoint, local_files_only=True)[0] if checkpoint else ensure_tiny_checkpoint()
+    return load_components(folder, torch_dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Model size: real (random weights, needs a GPU and ~24 GB RAM) or tiny; auto: real on CUDA.",
     )
     parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="Benchmark this Lens folder (e.g. the real weights) instead of random weights.",
+    )
+    parser.add_argument(
         "--modes", default="all", help=f"Comma-separated modes (default all: {','.join(MEMORY_MODES)})."
     )
     parser.add_argument(
@@ -392,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb / total), device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    components = build_real_size_components(dtype) if size == "real" else build_tiny_components(dtype)
+    if args.checkpoint:
+        components, size = build_tiny_components(dtype, args.checkpoint), f"checkpoint {args.checkpoint}"
+    elif size == "real":
+        components = build_real_size_components(dtype)
+    else:
+        components = build_tiny_components(dtype)
     rows = run_benchmark(components, modes, variants, list(resolutions), device, args.repeats, args.compile)
     table = format_table(rows, f"{device_label(device, args.vram_cap_gb)}, {size} model")
     print(table)  # noqa: T201 (the command's output)
