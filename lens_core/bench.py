@@ -3,7 +3,7 @@
 Builds the components with random weights (speed and memory do not depend on the values): the real-size model on a
 GPU (`--size real`), the tiny one elsewhere (`--size tiny`, seconds on a CPU, so CI runs the same code). For each mode,
 variant and resolution it prints time per image, time per denoiser step, text-encoding time, peak GPU memory, peak
-process RAM and the cosine similarity of the latents to the `full` mode's on the same seed. `--vram-cap-gb 8` caps
+RAM the mode holds in CPU memory while generating, and the cosine similarity of the latents to the `full` mode's on the same seed. `--vram-cap-gb 8` caps
 the usable GPU memory (`torch.cuda.set_per_process_memory_fraction`) to show a mode really fits an 8 GB card.
 
     python -m lens_core.bench --size real --vram-cap-gb 12 --out bench-12gb.md
@@ -16,8 +16,8 @@ import copy
 import json
 import logging
 import os
-import resource
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,8 +170,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_ram_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KB; the process-lifetime peak
+class RamPeak:
+    """Samples this process's resident memory every 20 ms in a thread; `peak_gb` is the highest since `reset()`."""
+
+    def __init__(self, interval_s: float = 0.02):
+        import psutil
+
+        self._process, self._interval = psutil.Process(), interval_s
+        self._peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> RamPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def current_gb(self) -> float:
+        return self._process.memory_info().rss / 2**30
+
+    def reset(self) -> None:
+        self._peak = self._process.memory_info().rss
+
+    @property
+    def peak_gb(self) -> float:
+        return max(self._peak, self._process.memory_info().rss) / 2**30
 
 
 def _generate(pipe, size: int, steps: int, guidance: float, output_type: str, **kwargs):
@@ -188,7 +217,16 @@ def _generate(pipe, size: int, steps: int, guidance: float, output_type: str, **
     ).images
 
 
-def measure(pipe, mode: str, variant: str, size: int, device: torch.device, repeats: int) -> BenchRow:
+def measure(
+    pipe,
+    mode: str,
+    variant: str,
+    size: int,
+    device: torch.device,
+    repeats: int,
+    ram: RamPeak | None = None,
+    ram_baseline_gb: float = 0.0,
+) -> BenchRow:
     """Encode once (timed), warm up, then time denoising alone (latents) and whole images (decode included)."""
     from .text_cache import TextFeatureCache
 
@@ -226,7 +264,8 @@ def measure(pipe, mode: str, variant: str, size: int, device: torch.device, repe
     if device.type == "cuda":
         row.peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 2**30
         row.extra["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-    row.peak_ram_gb = _peak_ram_gb()
+    if ram is not None:  # what the mode holds in CPU memory while generating, beyond the benchmark's master copy
+        row.peak_ram_gb = ram.peak_gb - ram_baseline_gb
     row.extra["latents"] = latents.float().cpu()
     return row
 
@@ -241,10 +280,16 @@ def run_benchmark(
     compile_blocks: bool = False,
 ) -> list[BenchRow]:
     """Every (mode, variant, size): a fresh copy of the components per mode, since modes quantize and hook in place."""
+    with RamPeak() as ram:
+        return _run_modes(components, modes, variants, sizes, device, repeats, compile_blocks, ram)
+
+
+def _run_modes(components, modes, variants, sizes, device, repeats, compile_blocks, ram: RamPeak) -> list[BenchRow]:
     from .pipeline_lens import LensPipeline
 
     rows, reference = [], {}
     for mode in modes:
+        ram_baseline_gb = ram.current_gb()  # the master components (and Python, torch) are not the mode's
         try:
             pipe = apply_memory_mode(LensPipeline(**copy.deepcopy(components)), mode, device)
         except ValueError as error:  # the mode cannot run here: say why, keep going
@@ -260,7 +305,8 @@ def run_benchmark(
         for variant in variants:
             for size in sizes:
                 try:
-                    row = measure(pipe, mode, variant, size, device, repeats)
+                    ram.reset()
+                    row = measure(pipe, mode, variant, size, device, repeats, ram, ram_baseline_gb)
                 except LensOutOfMemoryError as error:
                     row = BenchRow(mode, variant, size, VARIANT_SETTINGS[variant][0], status=f"OOM: {error}")
                 latents = row.extra.pop("latents", None)
@@ -292,7 +338,7 @@ HEADER = (
     "s / image",
     "s / step",
     "peak GPU GB",
-    "peak RAM GB",
+    "mode RAM GB",
     "cos vs full",
     "CFG-pass cost x",
     "status",

@@ -42,7 +42,8 @@ def test_bench_tiny_table(tmp_path, monkeypatch, capsys):
             assert row["status"].startswith("skipped:") and "needs a CUDA GPU" in row["status"]
             continue
         assert row["status"] == "ok", row
-        assert row["image_s"] > 0 and row["step_s"] > 0 and row["encode_s"] > 0 and row["peak_ram_gb"] > 0
+        assert row["image_s"] > 0 and row["step_s"] > 0 and row["encode_s"] > 0
+        assert isinstance(row["peak_ram_gb"], float) and row["peak_gpu_gb"] is None  # sampled; no GPU here
         assert row["cosine_to_full"] >= 0.98
         assert row["cfg_slowdown"] > 0  # Lens-Turbo: timed once more with the unconditional pass
 
