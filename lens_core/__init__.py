@@ -18,6 +18,11 @@ _EXPORTS = {
     "get_variant": ".presets",
     "render_prompt": ".prompt",
     "CheckpointError": ".loading",
+    "MEMORY_MODES": ".memory",
+    "apply_memory_mode": ".memory",
+    "run_with_oom_guard": ".memory",
+    "LensOutOfMemoryError": ".memory",
+    "TextFeatureCache": ".text_cache",
 }
 
 __all__ = sorted(_EXPORTS)

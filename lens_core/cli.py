@@ -30,6 +30,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     parser.add_argument("--date", default=DEFAULT_PROMPT_DATE, help="Date in the prompt preamble (YYYY-MM-DD).")
     parser.add_argument("--local-files-only", action="store_true", help="Never contact the Hub; use the local cache only.")
+    from .memory import AUTO, MEMORY_MODES
+    from .quantization import PRECISIONS
+
+    modes = "; ".join(f"{mode.name}: {mode.target}" for mode in MEMORY_MODES.values())
+    parser.add_argument("--memory-mode", default=AUTO, choices=[AUTO, *MEMORY_MODES],
+                        help=f"Placement and precision (auto: the largest that fits the GPU). {modes}")
+    parser.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
+                        help="Override the memory mode's denoiser precision (none = as loaded).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +89,9 @@ def load_from_args(args: argparse.Namespace):
         variant_name=variant or ("Lens-Turbo" if model == "tiny" else None),
         prompt_date=args.date,
     )
-    return pipe.to(device), model, device
+    from .memory import apply_memory_mode
+
+    return apply_memory_mode(pipe, args.memory_mode, device, transformer_precision=args.precision), model, device
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:

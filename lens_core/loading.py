@@ -168,8 +168,11 @@ def load_pipeline(
     local_files_only: bool = False,
     variant_name: str | None = None,
     prompt_date: str | None = None,
+    memory_mode: str | None = None,
+    device: str | torch.device | None = None,
 ):
-    """Resolve `source`, load its components and return a ready `pipeline_class` (on CPU; move it with `.to()`)."""
+    """Resolve `source`, load its components and return a ready `pipeline_class`: on CPU (move it with `.to()`), or
+    placed and quantized by `memory_mode` (a `lens_core.memory.MEMORY_MODES` name or "auto") on `device`."""
     folder, variant = resolve_checkpoint(source, local_files_only=local_files_only)
     pipe = pipeline_class(**load_components(folder, torch_dtype, transformer_file))
     if variant_name is not None:
@@ -183,6 +186,12 @@ def load_pipeline(
 
         render_prefix(prompt_date)  # validates the date
         pipe.prompt_date = prompt_date
+    if memory_mode is not None:
+        from .memory import apply_memory_mode
+
+        apply_memory_mode(pipe, memory_mode, device)
+    elif device is not None:
+        pipe.to(device)
     return pipe
 
 

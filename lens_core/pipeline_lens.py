@@ -109,7 +109,8 @@ class LensPipeline(DiffusionPipeline):
 
         Keyword arguments: `torch_dtype` (official weights are float32; they are cast), `transformer_file` (a
         Comfy-Org single-file denoiser used instead of the folder's `transformer/`), `local_files_only`,
-        `variant_name` (which presets apply; guessed from the repo id).
+        `variant_name` (which presets apply; guessed from the repo id), `memory_mode` and `device` (see
+        `lens_core.memory.apply_memory_mode`).
         """
         from .loading import load_pipeline
 

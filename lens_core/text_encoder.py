@@ -20,7 +20,6 @@ from transformers import GptOssConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.gpt_oss.modeling_gpt_oss import (
     GptOssDecoderLayer,
-    GptOssRMSNorm,
     GptOssRotaryEmbedding,
 )
 
@@ -100,7 +99,7 @@ class LensGptOssExperts(nn.Module):
 
 
 class _GptOssTrunk(nn.Module):
-    """Embeddings and the first `num_layers` decoder layers, named like transformers' `GptOssModel`."""
+    """Embeddings and the first `num_layers` decoder layers, named like transformers' `GptOssModel` (no final norm)."""
 
     def __init__(self, config: GptOssConfig, num_layers: int, mxfp4: bool):
         super().__init__()
@@ -108,7 +107,7 @@ class _GptOssTrunk(nn.Module):
         self.layers = nn.ModuleList([GptOssDecoderLayer(config, index) for index in range(num_layers)])
         for layer in self.layers:
             layer.mlp.experts = LensGptOssExperts(config, mxfp4)
-        self.norm = GptOssRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # No final `norm` (and no `lm_head`): the features are taken before it, so it is never built or loaded.
 
 
 class LensGptOssEncoder(nn.Module):
