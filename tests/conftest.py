@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Tests are offline by construction; this also stops bitsandbytes' CPU path from looking for kernels on the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lens_core.tiny import build_tiny_checkpoint
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lens_core.tiny import build_tiny_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
