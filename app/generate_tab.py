@@ -238,7 +238,6 @@ def _build_prompt_inputs(settings: AppSettings, preset) -> dict:
     with gr.Row():
         parts["generate_btn"] = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
         parts["cancel_btn"] = gr.Button("Cancel my job", variant="stop", elem_id="cancel-btn", scale=1)
-    gr.Examples([[line] for line in example_prompts()], inputs=[parts["prompt"]], label="Examples")
     with gr.Accordion("Prompt rewriter: see the expanded prompt before spending GPU time", open=False):
         rewriter = settings.rewriter
         parts["rewriter_backend"] = gr.Radio(
@@ -315,14 +314,18 @@ def _build_model_inputs(engine: LensEngine) -> dict:
 def _build_outputs() -> dict:
     parts = {}
     parts["status"] = gr.Markdown("Ready.", elem_id="job-status")
-    parts["preview"] = gr.Image(
-        label="Live preview (latent projection)", interactive=False, height=220, elem_id="preview"
-    )
-    parts["gallery"] = gr.Gallery(label="Images", columns=2, height=420, elem_id="result-gallery", preview=True)
     with gr.Row():
-        parts["seed_used"] = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
-        parts["reuse_seed"] = gr.Button("Reuse this seed", elem_id="reuse-seed-btn")
-    parts["settings_json"] = gr.JSON(label="Settings used", elem_id="settings-used")
+        parts["seed_used"] = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used", scale=2)
+        parts["reuse_seed"] = gr.Button("Reuse this seed", elem_id="reuse-seed-btn", scale=1)
+    with gr.Row(equal_height=False):
+        parts["gallery"] = gr.Gallery(
+            label="Images", columns=2, height=400, elem_id="result-gallery", scale=3, object_fit="contain"
+        )
+        parts["preview"] = gr.Image(
+            label="Live preview", interactive=False, height=200, elem_id="preview", scale=1
+        )
+    with gr.Accordion("Settings used (embedded in every PNG)", open=False):
+        parts["settings_json"] = gr.JSON(label="Settings used", elem_id="settings-used")
     return parts
 
 
@@ -334,6 +337,7 @@ def build_generate_tab(engine: LensEngine, settings: AppSettings) -> GenerateTab
             parts = _build_prompt_inputs(settings, preset)
             parts.update(_build_sampling_inputs(engine, preset))
             parts.update(_build_model_inputs(engine))
+            gr.Examples([[line] for line in example_prompts()], inputs=[parts["prompt"]], label="Example prompts")
         with gr.Column(scale=6):
             parts.update(_build_outputs())
     buttons = {
@@ -430,6 +434,12 @@ def _final_update(tab: GenerateTab, result: GenerationResult, state: SessionStat
     }
 
 
+def _start_job(state: SessionState) -> SessionState:
+    # Runs at once (not queued), so a Cancel while the job waits in the queue is not lost.
+    state.new_job()
+    return state
+
+
 def _wire_generation(tab: GenerateTab, engine: LensEngine, buttons: dict) -> None:
     inputs = {
         tab.prompt,
@@ -467,7 +477,7 @@ def _wire_generation(tab: GenerateTab, engine: LensEngine, buttons: dict) -> Non
         except ValueError as error:
             raise user_error(error) from None
         state: SessionState = values[tab.state]
-        yield {tab.status: "Waiting for the GPU..." if engine.lock.locked() else "Starting..."}
+        yield {tab.status: "Waiting for the GPU..." if engine.busy else "Starting..."}
         try:
             for item in stream_generation(engine, request, state.cancel):
                 if isinstance(item, ProgressEvent):
@@ -483,9 +493,7 @@ def _wire_generation(tab: GenerateTab, engine: LensEngine, buttons: dict) -> Non
         state.cancel.set()  # only this session's job: the event lives in this user's gr.State
         return "Cancelling your job at the next step..."
 
-    start = buttons["generate_btn"].click(
-        lambda state: state.new_job(), [tab.state], None, queue=False, api_visibility="private"
-    )
+    start = buttons["generate_btn"].click(_start_job, [tab.state], [tab.state], queue=False, api_visibility="private")
     start.then(generate, inputs, outputs, api_name="generate_stream", concurrency_id=GPU_QUEUE, concurrency_limit=1)
     buttons["cancel_btn"].click(cancel, [tab.state], [tab.status], queue=False, api_name="cancel")
 

@@ -241,6 +241,14 @@ class LensEngine:
         return self.status == "ready"
 
     @property
+    def busy(self) -> bool:
+        """Whether another thread holds the engine (generating, loading or rewriting)."""
+        if self.lock.acquire(blocking=False):
+            self.lock.release()
+            return False
+        return True
+
+    @property
     def is_demo(self) -> bool:
         return self.model_label == TINY_MODEL
 
