@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -35,8 +42,19 @@ def running_app(tmp: Path, *extra: str, timeout_s: float = 180):
     env = {**os.environ, "LENS_CACHE_DIR": str(tmp / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("LENS_AUTH", None)
     log = (tmp / "app.log").open("w")
-    command = [sys.executable, "app.py", "--model", "tiny", "--host", "127.0.0.1", "--port", str(port),
-               "--output-dir", str(output_dir), *extra]
+    command = [
+        sys.executable,
+        "app.py",
+        "--model",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(port, process, timeout_s, tmp / "app.log")
