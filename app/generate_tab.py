@@ -321,9 +321,7 @@ def _build_outputs() -> dict:
         parts["gallery"] = gr.Gallery(
             label="Images", columns=2, height=400, elem_id="result-gallery", scale=3, object_fit="contain"
         )
-        parts["preview"] = gr.Image(
-            label="Live preview", interactive=False, height=200, elem_id="preview", scale=1
-        )
+        parts["preview"] = gr.Image(label="Live preview", interactive=False, height=200, elem_id="preview", scale=1)
     with gr.Accordion("Settings used (embedded in every PNG)", open=False):
         parts["settings_json"] = gr.JSON(label="Settings used", elem_id="settings-used")
     return parts
@@ -425,12 +423,11 @@ def _progress_update(tab: GenerateTab, event: ProgressEvent, progress: gr.Progre
 
 def _final_update(tab: GenerateTab, result: GenerationResult, state: SessionState) -> dict:
     state.last_seed = result.seed
-    folder = result.paths[0].parent if result.paths else ""
     return {
         tab.gallery: [(str(path), f"seed {s.seed}") for path, s in zip(result.paths, result.settings, strict=True)],
         tab.seed_used: result.seed,
         tab.settings_json: result_summary(result),
-        tab.status: f"Saved {len(result.paths)} image(s) in {result.elapsed_s:.1f} s to `{folder}`.",
+        tab.status: f"Saved {len(result.paths)} image(s) in {result.elapsed_s:.1f} s (PNG with settings, in the Gallery).",
     }
 
 
