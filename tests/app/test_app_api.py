@@ -232,3 +232,19 @@ def test_the_app_stays_up_after_errors(client):
         client.predict(api_name="/generate", prompt="")
     files, _ = client.predict(prompt="still here", api_name="/generate", **SMALL)
     assert files
+
+
+def test_without_weights_the_page_explains_and_offers_the_demo_model(tmp_path):
+    missing = tmp_path / "no-lens-here"
+    with running_app(tmp_path, "--model", str(missing), "--local-files-only") as (url, _output_dir):
+        client = Client(url, verbose=False)
+        deadline = time.monotonic() + 60
+        while "loading" in (status := client.predict(api_name="/model_status")).lower() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "No model loaded" in status and "no-lens-here" in status and "--model" in status
+        with pytest.raises(Exception, match="No model loaded"):
+            client.predict(prompt="a fox", api_name="/generate", **SMALL)
+        banner = client.predict(api_name="/load_demo_model")[0]
+        assert "tiny" in banner and "ready" in banner
+        files, _ = client.predict(prompt="a fox", api_name="/generate", **SMALL)
+        assert files

@@ -12,7 +12,7 @@ import pytest
 from app_server_support import CHROMIUM_ARGS, REPO, chromium_path
 from PIL import Image
 
-from lens_core.metadata import ImageSettings, save_png
+from lens_core.metadata import ImageSettings, read_settings, save_png
 
 pytestmark = pytest.mark.browser
 SCREENSHOT = REPO / "assets" / "generate_tab.png"
@@ -85,3 +85,41 @@ def test_an_empty_prompt_shows_an_error(page):
     page.fill("#prompt textarea", "")
     page.click("#generate-btn")
     page.get_by_text("The prompt is empty").first.wait_for(timeout=20_000)
+
+
+def test_rewrite_then_generate_saves_both_prompts(page, app_server):
+    page.fill("#prompt textarea", "a lighthouse")
+    page.get_by_text("Prompt rewriter").first.click()
+    page.click("#rewrite-btn")
+    rewritten = "A vivid, detailed a lighthouse."  # the test endpoint's answer
+    page.wait_for_function(f"document.querySelector('#rewritten textarea').value === '{rewritten}'", timeout=20_000)
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#job-status').innerText.includes('Saved')", timeout=60_000)
+    seed = page.input_value("#seed-used input")
+    (saved,) = (app_server[1] / "images").glob(f"*-{seed}-a-vivid-detailed-a-lighthouse.png")
+    settings = read_settings(saved)
+    assert (settings.prompt, settings.original_prompt) == (rewritten, "a lighthouse")
+
+
+def test_gallery_sends_settings_back_to_generate(page, app_server):
+    png = app_server[1] / "images" / "zz-gallery-restore.png"
+    save_png(
+        Image.new("RGB", (64, 64)),
+        png,
+        ImageSettings(
+            prompt="from the gallery",
+            seed=777,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            variant="Lens-Turbo",
+        ),
+    )
+    page.get_by_role("tab", name="Gallery").click()
+    page.wait_for_selector("#past-images img", timeout=20_000)
+    page.locator("#past-images img").first.click()  # the newest image: the one just written
+    page.wait_for_function("document.body.innerText.includes('from the gallery')", timeout=20_000)
+    page.click("#send-to-generate")
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'from the gallery'", timeout=20_000)
+    assert page.input_value("#seed-input input") == "777"
