@@ -161,9 +161,10 @@ def latent_preview(tokens: torch.Tensor, height_tokens: int, width_tokens: int, 
     """Packed latents [B, h*w, 128] -> a PIL preview of the first image (nearest-upscaled to about `size` px)."""
     from PIL import Image
 
-    rgb = tokens[0].float().cpu() @ _preview_projection()  # [h*w, 3]
-    low, high = rgb.quantile(0.02), rgb.quantile(0.98)
-    rgb = ((rgb - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+    # Project on the latents' device, then move only [h*w, 3] to the CPU.
+    rgb = (tokens[0].float() @ _preview_projection().to(tokens.device)).cpu()  # [h*w, 3]
+    # Stretch mean +- 2 std to 0..1 (cheaper than percentiles; the absolute scale changes over the steps).
+    rgb = ((rgb - rgb.mean()) / (4 * rgb.std()).clamp_min(1e-6) + 0.5).clamp(0, 1)
     pixels = (rgb.reshape(height_tokens, width_tokens, 3) * 255).to(torch.uint8).numpy()  # [h, w, 3]
     scale = max(1, size // max(height_tokens, width_tokens))
     return Image.fromarray(pixels).resize((width_tokens * scale, height_tokens * scale), Image.NEAREST)
