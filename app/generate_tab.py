@@ -8,6 +8,7 @@ engine; they never touch the pipeline. GPU events share one `concurrency_id` wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -68,7 +69,12 @@ def as_int(name: str, value, allow_none: bool = False) -> int | None:
     """An integer from a widget or API value; a fractional or non-numeric value is an error, not rounded."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise ValueError(f"{name} must be a whole number, got {value!r}.")
     return int(value)
 
