@@ -9,11 +9,20 @@ from pathlib import Path
 import pytest
 from app_server_support import running_app, wait_until_ready
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image, PngImagePlugin
 
 from lens_core.metadata import ImageSettings, read_settings, save_png
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+def wait_for_status(job, code, timeout_s: float = 60) -> None:
+    """Poll a gradio_client job until it reports `code` (e.g. queued, processing)."""
+    deadline = time.monotonic() + timeout_s
+    while job.status().code != code:
+        assert time.monotonic() < deadline, f"job stayed {job.status().code}, expected {code}"
+        time.sleep(0.1)
 
 
 def restore(client: Client, path: Path) -> dict:
@@ -206,10 +215,11 @@ def test_full_queue_cancel_and_auth(tmp_path):
             Client(url, verbose=False)
         first, second, third = (Client(url, auth=("ann", "pw1"), verbose=False) for _ in range(3))
         wait_until_ready(first)
-        running = first.submit(prompt="running", width=512, height=512, num_inference_steps=60, api_name="/generate")
-        time.sleep(1.5)  # let it start
+        running = first.submit(prompt="running", width=512, height=512, num_inference_steps=80, api_name="/generate")
+        wait_for_status(running, Status.PROCESSING)
         waiting = second.submit(prompt="waiting", seed=1, api_name="/generate", **SMALL)
-        time.sleep(1.0)
+        wait_for_status(waiting, Status.IN_QUEUE)
+        assert waiting.status().rank == 0  # the user is told their position
         with pytest.raises(Exception, match="[Qq]ueue is full"):
             third.submit(prompt="refused", api_name="/generate", **SMALL).result(timeout=60)
         assert running.result(timeout=120)[1]["images"][0]["prompt"] == "running"
@@ -217,7 +227,7 @@ def test_full_queue_cancel_and_auth(tmp_path):
 
         # Cancel: the first user's long job stops at its next step; the second user's next job is not affected.
         long_job = first.submit(prompt="long", width=512, height=512, num_inference_steps=200, api_name="/generate")
-        time.sleep(1.5)
+        wait_for_status(long_job, Status.PROCESSING)
         started = time.monotonic()
         first.predict(api_name="/cancel")  # (through the queue for API clients: it must not be full)
         other = second.submit(prompt="other", seed=2, api_name="/generate", **SMALL)
