@@ -536,6 +536,29 @@ def _parse_api_loras(loras) -> list[tuple[str, float]]:
     return parsed
 
 
+def _api_gpu_seconds(
+    prompt,
+    negative_prompt,
+    width,
+    height,
+    num_inference_steps,
+    guidance_scale,
+    seed,
+    variant,
+    batch_count,
+    batch_size,
+    *rest,
+) -> int:
+    """ZeroGPU reservation for a `/generate` call, from its raw (not yet validated) arguments."""
+    numbers = (width, height, num_inference_steps, guidance_scale, batch_count, batch_size)
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in numbers):
+        return 30  # the handler will refuse the request at once
+    steps = num_inference_steps if num_inference_steps > 0 else 50  # -1: the variant's default, at most Base's 50
+    guidance = guidance_scale if guidance_scale >= 0 else 5.0
+    images = max(1, int(batch_count) * int(batch_size))
+    return estimate_gpu_seconds(int(steps), int(width), int(height), images, guidance)
+
+
 def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
     """`/generate`: named parameters, returns the saved PNG files and the settings used (for gradio_client).
 
@@ -557,13 +580,7 @@ def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
         files, info = gr.File(file_count="multiple"), gr.JSON()
         trigger = gr.Button()
 
-    @gpu_task(
-        lambda *args: (
-            estimate_gpu_seconds(max(int(args[4] or 20), 1), int(args[2]), int(args[3]), 1, 5.0)
-            if all(isinstance(a, (int, float)) for a in args[2:4])
-            else 60
-        )
-    )
+    @gpu_task(_api_gpu_seconds)
     def generate(
         prompt,
         negative_prompt,
