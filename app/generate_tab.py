@@ -321,7 +321,9 @@ def _build_outputs() -> dict:
     parts = {}
     parts["status"] = gr.Markdown("Ready.", elem_id="job-status")
     with gr.Row():
-        parts["seed_used"] = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used", scale=2)
+        parts["seed_used"] = gr.Number(
+            value=None, label="Seed used", precision=0, interactive=False, elem_id="seed-used", scale=2
+        )
         parts["reuse_seed"] = gr.Button("Reuse this seed", elem_id="reuse-seed-btn", scale=1)
     with gr.Row(equal_height=False):
         parts["gallery"] = gr.Gallery(

@@ -24,7 +24,9 @@ def _status_outputs(engine: LensEngine) -> tuple:
 def _build_status_banner(engine: LensEngine) -> None:
     banner = gr.Markdown(engine.status_text(), elem_id="model-status")
     with gr.Row():
-        demo_button = gr.Button("Use the tiny random demo model", size="sm", visible=False, elem_id="demo-model-btn")
+        demo_button = gr.Button(
+            "Use the tiny random demo model", variant="primary", size="sm", visible=False, elem_id="demo-model-btn"
+        )
     timer = gr.Timer(1.0, active=True)
 
     def use_demo_model() -> tuple:

@@ -290,7 +290,8 @@ class LensEngine:
             logger.info("Loaded %s (%s) with memory mode %s", model, pipe.variant_preset.name, pipe.memory_mode)
 
     def _set_failed(self, model: str, error: Exception) -> None:
-        repo = model if "/" in model and not Path(model).exists() else VARIANTS["Lens-Turbo"].repo_ids[0]
+        is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not Path(model).exists()
+        repo = model if is_hub_id else VARIANTS["Lens-Turbo"].repo_ids[0]
         self.status = "error" if self.pipe is None else "ready"
         self.load_error = f"Could not load `{model}`: {error}\n\n" + MISSING_MODEL_HELP.format(repo=repo)
         if self.pipe is not None:  # the previous model still serves

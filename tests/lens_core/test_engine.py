@@ -190,6 +190,7 @@ def test_a_missing_model_leaves_the_engine_serving_with_an_explanation(tmp_path)
     engine.load_in_background().join(30)
     assert engine.status == "error"
     assert "no-such-folder" in engine.status_text() and "--model" in engine.status_text()
+    assert "downloads microsoft/Lens-Turbo" in engine.status_text()  # a folder is not a Hub id to download
     with pytest.raises(EngineNotReady, match="No model loaded"):
         engine.generate(GenerationRequest(prompt="a fox", **SMALL))
 
