@@ -363,6 +363,7 @@ def build_generate_tab(engine: LensEngine, settings: AppSettings) -> GenerateTab
 
 
 def _wire_form_events(tab: GenerateTab, engine: LensEngine, buttons: dict) -> None:
+    # Instant form events skip the queue (queue=False) so the page stays responsive behind a long GPU queue.
     def variant_defaults(variant: str) -> dict:
         preset = get_variant(variant)
         visible = preset.guidance_has_effect  # Turbo: guidance and negative prompt do nothing, so hide them
@@ -401,14 +402,20 @@ def _wire_form_events(tab: GenerateTab, engine: LensEngine, buttons: dict) -> No
             raise user_error(error) from None
 
     tab.variant.input(
-        variant_defaults, [tab.variant], [tab.steps, tab.guidance, tab.negative_prompt], api_name="variant_defaults"
+        variant_defaults,
+        [tab.variant],
+        [tab.steps, tab.guidance, tab.negative_prompt],
+        api_name="variant_defaults",
+        queue=False,
     )
-    tab.aspect.input(aspect_size, [tab.aspect], [tab.width, tab.height], api_name="aspect_size")
+    tab.aspect.input(aspect_size, [tab.aspect], [tab.width, tab.height], api_name="aspect_size", queue=False)
     for slider, name in ((tab.width, "width"), (tab.height, "height")):
-        slider.input(aspect_for_size, [tab.width, tab.height], [tab.aspect], api_name=f"{name}_to_aspect")
+        slider.input(aspect_for_size, [tab.width, tab.height], [tab.aspect], api_name=f"{name}_to_aspect", queue=False)
     tab.restore_file.upload(restore, [tab.restore_file], tab.restore_outputs(), api_name="restore_settings")
-    buttons["reuse_seed"].click(reuse_seed, [tab.seed_used], [tab.seed_mode, tab.seed], api_name="reuse_seed")
-    buttons["refresh_loras"].click(refresh_loras, None, tab.lora_names, api_name="list_loras")
+    buttons["reuse_seed"].click(
+        reuse_seed, [tab.seed_used], [tab.seed_mode, tab.seed], api_name="reuse_seed", queue=False
+    )
+    buttons["refresh_loras"].click(refresh_loras, None, tab.lora_names, api_name="list_loras", queue=False)
     tab.memory_mode.input(
         set_memory_mode,
         [tab.memory_mode],
