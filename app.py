@@ -1,0 +1,30 @@
+"""Lens studio: `python app.py [--model tiny] [--port 7860] [--auth user:password] ...` (see `--help`).
+
+Parse the command line, build the engine (it loads the model in the background so the page opens at once and can
+explain a missing model), build the UI, launch.
+"""
+
+import logging
+
+from app.settings import parse_args
+from app.ui import build_ui, launch_options
+from lens_core.engine import EngineConfig, LensEngine
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = parse_args()
+    config = EngineConfig(
+        output_dir=settings.output_dir,
+        model=settings.model,
+        memory_mode=settings.memory_mode,
+        local_files_only=settings.local_files_only,
+    )
+    engine = LensEngine(config)  # Lead (merge): text_feature_cache=TextFeatureCache(...)
+    engine.load_in_background()
+    demo = build_ui(engine, settings)
+    demo.queue(max_size=settings.queue_size).launch(**launch_options(settings))
+
+
+if __name__ == "__main__":
+    main()

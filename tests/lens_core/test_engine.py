@@ -1,0 +1,217 @@
+"""LensEngine on the tiny checkpoint: validation, saving with settings, progress, cancel, LoRA errors, loading errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lens_core.engine import (
+    EngineConfig,
+    EngineNotReady,
+    GenerationCancelled,
+    GenerationRequest,
+    LensEngine,
+    estimate_gpu_seconds,
+    latent_preview,
+    list_loras,
+    safe_image_path,
+)
+from lens_core.metadata import read_settings
+
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, tmp_path_factory):
+    """An engine serving the session's tiny checkpoint (loaded once for the module)."""
+    engine = LensEngine(EngineConfig(output_dir=tmp_path_factory.mktemp("engine-out"), model=str(tiny_checkpoint)))
+    engine.load(variant="Lens-Turbo")
+    return engine
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"width": 72}, "multiple of 16"),
+        ({"height": 32}, "from 64 to 2560"),
+        ({"width": 2560, "height": 2560}, "the limit is"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": "5"}, "guidance_scale"),
+        ({"seed": -3}, "seed"),
+        ({"batch_count": 0}, "batch_count"),
+        ({"batch_size": 99}, "batch_size"),
+        ({"variant": "Lens-Ultra"}, "Unknown Lens variant"),
+        ({"loras": [("a.safetensors", 9.0)]}, "LoRA weight"),
+        ({"loras": ["a.safetensors"]}, "(name, weight)"),
+    ],
+)
+def test_request_rejects_bad_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**{"prompt": "a cat", **SMALL, **changes})
+
+
+def test_request_accepts_short_variant_names():
+    assert GenerationRequest(prompt="a cat", variant="turbo", **SMALL).variant == "Lens-Turbo"
+
+
+def test_safe_image_path_never_leaves_the_output_folder(tmp_path):
+    for stem in ("../../etc/passwd", "/abs/olute", "..", "a\\..\\b", "nul\x00byte", ""):
+        path = safe_image_path(tmp_path, stem)
+        assert path.parent == (tmp_path / "images").resolve()
+        assert path.suffix == ".png"
+        assert ".." not in path.name
+
+
+def test_latent_preview_is_a_small_rgb_image():
+    import torch
+
+    tokens = torch.randn(2, 4 * 6, 128)  # [B, h*w, 128] for h=4, w=6
+    preview = latent_preview(tokens, 4, 6, size=96)
+    assert preview.mode == "RGB"
+    assert preview.size == (6 * 16, 4 * 16)
+    assert np.asarray(preview).std() > 0
+
+
+def test_gpu_time_estimate_grows_with_work_and_is_capped():
+    small = estimate_gpu_seconds(4, 1024, 1024, 1, 1.0)
+    assert small < estimate_gpu_seconds(20, 1024, 1024, 1, 5.0) < estimate_gpu_seconds(20, 1440, 1440, 4, 5.0)
+    assert estimate_gpu_seconds(200, 2048, 1024, 16, 5.0) == 300
+
+
+def test_generate_saves_pngs_with_reproducible_settings(engine):
+    events = []
+    request = GenerationRequest(prompt="a red fox", seed=11, batch_count=2, batch_size=2, preview_every=1, **SMALL)
+    result = engine.generate(request, on_progress=events.append)
+    assert [s.seed for s in result.settings] == [11, 12, 13, 14]
+    assert [e.step for e in events] == [1, 2, 3, 4] and events[-1].total_steps == 4
+    assert events[0].preview is not None and events[1].preview is None  # none on a batch's last step
+    for path, settings in zip(result.paths, result.settings, strict=True):
+        assert path.parent == (engine.config.output_dir / "images").resolve()
+        saved = read_settings(path)
+        assert saved == settings
+        assert (saved.variant, saved.num_inference_steps, saved.guidance_scale) == ("Lens-Turbo", 2, 1.0)
+    # Image k of a batch equals a single image generated with its seed (up to batched-matmul rounding).
+    again = engine.generate(GenerationRequest(prompt="a red fox", seed=13, **SMALL))
+    difference = np.abs(np.asarray(Image.open(again.paths[0]), np.int16) - np.asarray(Image.open(result.paths[2])))
+    other = np.abs(np.asarray(Image.open(again.paths[0]), np.int16) - np.asarray(Image.open(result.paths[3])))
+    assert difference.max() <= 2 < other.max()
+
+
+def test_random_seed_is_drawn_and_recorded(engine):
+    result = engine.generate(GenerationRequest(prompt="a fox in snow", original_prompt="fox", **SMALL))
+    assert read_settings(result.paths[0]).seed == result.seed
+    assert read_settings(result.paths[0]).original_prompt == "fox"
+
+
+def test_cancel_stops_the_job_at_the_next_step_and_saves_nothing(engine):
+    cancel = threading.Event()
+    before = set((engine.config.output_dir / "images").glob("*.png"))
+    steps_seen = []
+
+    def on_progress(event):
+        steps_seen.append(event.step)
+        cancel.set()
+
+    request = GenerationRequest(prompt="a fox", batch_count=3, **{**SMALL, "num_inference_steps": 4})
+    with pytest.raises(GenerationCancelled):
+        engine.generate(request, on_progress=on_progress, cancel_event=cancel)
+    assert steps_seen == [1]
+    assert set((engine.config.output_dir / "images").glob("*.png")) == before
+
+
+def test_cancel_of_one_job_leaves_another_running(engine):
+    mine, theirs = threading.Event(), threading.Event()
+    results, errors = {}, {}
+
+    def run(name, event, cancel_after_first_step):
+        def on_progress(_):
+            if cancel_after_first_step:
+                event.set()
+
+        try:
+            results[name] = engine.generate(GenerationRequest(prompt=name, **SMALL), on_progress, event)
+        except GenerationCancelled as error:
+            errors[name] = error
+
+    threads = [
+        threading.Thread(target=run, args=("mine", mine, True)),
+        threading.Thread(target=run, args=("theirs", theirs, False)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(errors) == {"mine"} and set(results) == {"theirs"}
+    assert read_settings(results["theirs"].paths[0]).prompt == "theirs"
+
+
+def test_variant_switch_on_a_folder_changes_presets_only(engine):
+    result = engine.generate(
+        GenerationRequest(prompt="a fox", variant="Lens", width=64, height=64, num_inference_steps=1)
+    )
+    assert (result.settings[0].variant, result.settings[0].guidance_scale) == ("Lens", 5.0)
+    engine.set_variant("Lens-Turbo")
+    assert engine.variant.name == "Lens-Turbo"
+
+
+def test_loras_are_listed_by_name_and_unknown_names_rejected(engine, tmp_path):
+    (tmp_path / "loras" / "style").mkdir(parents=True)
+    (tmp_path / "loras" / "style" / "ink.safetensors").write_bytes(b"")
+    (tmp_path / "training" / "run1").mkdir(parents=True)
+    (tmp_path / "training" / "run1" / "lora.safetensors").write_bytes(b"")
+    (tmp_path / "training" / "run1" / "notes.txt").write_text("x")
+    assert sorted(list_loras(tmp_path)) == ["loras/style/ink.safetensors", "training/run1/lora.safetensors"]
+    with pytest.raises(ValueError, match="Unknown LoRA '../secret.safetensors'"):
+        engine.set_loras([("../secret.safetensors", 1.0)])
+
+
+def test_loras_need_pipeline_support(engine):
+    lora_dir = engine.config.output_dir / "loras"
+    lora_dir.mkdir(exist_ok=True)
+    (lora_dir / "ink.safetensors").write_bytes(b"")
+    if hasattr(engine.pipe, "load_lora_weights"):
+        pytest.skip("this LensPipeline has LoRA support; its own tests cover loading")
+    with pytest.raises(ValueError, match="LoRA support not installed"):
+        engine.generate(GenerationRequest(prompt="a fox", loras=[("loras/ink.safetensors", 0.8)], **SMALL))
+    engine.set_loras([])  # an empty set is always fine
+
+
+def test_a_missing_model_leaves_the_engine_serving_with_an_explanation(tmp_path):
+    engine = LensEngine(
+        EngineConfig(output_dir=tmp_path, model=str(tmp_path / "no-such-folder"), local_files_only=True)
+    )
+    engine.load_in_background().join(30)
+    assert engine.status == "error"
+    assert "no-such-folder" in engine.status_text() and "--model" in engine.status_text()
+    assert "downloads microsoft/Lens-Turbo" in engine.status_text()  # a folder is not a Hub id to download
+    with pytest.raises(EngineNotReady, match="No model loaded"):
+        engine.generate(GenerationRequest(prompt="a fox", **SMALL))
+
+
+def test_an_offline_hub_id_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    engine = LensEngine(EngineConfig(output_dir=tmp_path, model="microsoft/Lens-Turbo"))
+    with pytest.raises(ValueError, match="Could not get microsoft/Lens-Turbo"):
+        engine.load()
+    assert engine.status == "error" and "YuCollection/Lens-Turbo-Diffusers" in engine.status_text()
+
+
+def test_memory_mode_errors_are_clear(engine):
+    with pytest.raises(ValueError, match="Unknown memory mode"):
+        engine.set_memory_mode("huge")
+    assert engine.set_memory_mode("full") == "full"
+
+
+def test_output_dir_is_created_on_first_save(tiny_checkpoint, tmp_path):
+    engine = LensEngine(EngineConfig(output_dir=tmp_path / "new" / "dir", model=str(tiny_checkpoint)))
+    engine.load()
+    result = engine.generate(GenerationRequest(prompt="a fox", seed=0, **SMALL))
+    assert result.paths[0].is_file() and Path(result.paths[0]).name.endswith("-0-a-fox.png")
