@@ -20,7 +20,7 @@ def main() -> None:
         memory_mode=settings.memory_mode,
         local_files_only=settings.local_files_only,
     )
-    engine = LensEngine(config)  # Lead (merge): text_feature_cache=TextFeatureCache(...)
+    engine = LensEngine(config)  # owns the pipeline, the GPU lock and the text-feature cache
     engine.load_in_background()
     demo = build_ui(engine, settings)
     demo.queue(max_size=settings.queue_size).launch(**launch_options(settings))

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .memory import run_with_oom_guard
 from .metadata import ImageSettings, save_png
 from .presets import PIXELS_PER_TOKEN, VARIANTS, VariantPreset, get_variant
+from .text_cache import TextFeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +225,10 @@ MISSING_MODEL_HELP = (
 class LensEngine:
     """Owns one `LensPipeline` and serialises all GPU work behind one lock."""
 
-    def __init__(self, config: EngineConfig, text_feature_cache=None):
+    def __init__(self, config: EngineConfig, text_feature_cache: TextFeatureCache | None = None):
         self.config = config
-        self.text_feature_cache = text_feature_cache  # attached to every loaded pipeline (pipe.text_feature_cache)
+        # Attached to every loaded pipeline: changing seed, steps or size never runs the 20 B encoder again.
+        self.text_feature_cache = TextFeatureCache() if text_feature_cache is None else text_feature_cache
         self.lock = threading.RLock()
         self.pipe = None
         self.model_label = config.model
@@ -368,16 +371,23 @@ class LensEngine:
         return preset
 
     def set_memory_mode(self, mode: str) -> str:
-        """Re-place the loaded pipeline with memory mode `mode` (a key of MEMORY_MODES, or "auto")."""
-        from .memory import apply_memory_mode
+        """Reload the pipeline in memory mode `mode` (a key of MEMORY_MODES, or "auto")."""
+        from .memory import AUTO, MEMORY_MODES
 
         with self.lock:
             pipe = self._require_pipe()
-            if hasattr(pipe, "remove_all_hooks"):  # undo CPU offload hooks of a previous mode
-                pipe.remove_all_hooks()
-            apply_memory_mode(pipe, mode, device=self.device)
+            if mode not in (AUTO, *MEMORY_MODES):
+                raise ValueError(f"Unknown memory mode {mode!r}; choose one of {[AUTO, *MEMORY_MODES]}.")
+            previous = self.config.memory_mode
             self.config.memory_mode = mode
-            return pipe.memory_mode
+            # Quantization and offload hooks cannot be undone in place, so the pipeline is loaded again in the new
+            # mode; on failure the previous pipeline keeps serving.
+            try:
+                self.load(getattr(pipe, "lens_model_label", self.model_label), pipe.variant_preset.name)
+            except Exception:
+                self.config.memory_mode = previous
+                raise
+            return self.pipe.memory_mode
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Activate exactly these LoRAs: (name from `list_loras`, weight). An empty list removes all."""
@@ -425,7 +435,12 @@ class LensEngine:
             paths, settings = [], []
             for batch in range(request.batch_count):
                 seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
-                images = self._run_batch(request, steps, guidance, seeds, batch, start, on_progress, cancel_event)
+                images = run_with_oom_guard(
+                    lambda seeds=seeds, batch=batch: self._run_batch(
+                        request, steps, guidance, seeds, batch, start, on_progress, cancel_event
+                    ),
+                    self.pipe.memory_mode,
+                )
                 for image, image_seed in zip(images, seeds, strict=True):
                     setting = self._settings_for(request, steps, guidance, image_seed)
                     paths.append(self._save(image, setting))
