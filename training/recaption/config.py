@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .templates import PRESETS
+from .templates import PRESETS, check_template
 
 BACKENDS = ("openai", "local")
 OUTPUT_FORMATS = ("sidecar", "jsonl", "webdataset", "parquet")
@@ -169,6 +169,8 @@ class RecaptionConfig:
             raise ValueError(f"sidecar_extension={self.sidecar_extension!r} must start with '.' and hold no '/'")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url={self.base_url!r} must start with http:// or https://")
+        if self.prompt:
+            check_template(self.prompt)
         self.shard_position()
         return self
 
