@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,7 +113,8 @@ class OpenAIBackend:
         self._api_key = os.environ.get(self.api_key_env, "")
         if not self._api_key:
             logger.info("environment variable %s is not set: sending requests without an API key", self.api_key_env)
-        self._connection_failures = 0
+        self._connection_failures = 0  # images in a row lost to connection errors; shared by the workers
+        self._failures_lock = threading.Lock()
 
     def redact(self, text: str) -> str:
         """``text`` with the API key replaced, so no error message can leak it."""
@@ -166,7 +168,8 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             try:
                 caption = self._post(payload)
-                self._connection_failures = 0
+                with self._failures_lock:
+                    self._connection_failures = 0
                 return CaptionOutcome(job, caption=caption, attempts=attempt + 1, seconds=time.monotonic() - started)
             except ItemError as error:
                 return CaptionOutcome(job, error=str(error), attempts=attempt + 1, seconds=time.monotonic() - started)
@@ -177,7 +180,8 @@ class OpenAIBackend:
                     logger.debug("%s: %s; retry %d in %.2f s", job.key, last_error, attempt + 1, delay)
                     time.sleep(delay)
         if last_error.startswith("connection failed"):
-            self._connection_failures += 1
+            with self._failures_lock:
+                self._connection_failures += 1
         return CaptionOutcome(
             job,
             error=f"gave up after {self.max_retries + 1} attempts: {last_error}",
