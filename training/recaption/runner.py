@@ -16,7 +16,7 @@ from typing import Any
 from .backends import BackendUnavailableError, CaptionBackend, CaptionJob, CaptionOutcome, build_backend
 from .config import LENS_TEXT_TOKEN_LIMIT, RecaptionConfig
 from .datasets import SourceItem, check_inputs, iter_inputs
-from .images import decode_image
+from .images import BadImageError, decode_image
 from .progress import ProgressLog, latest_items, progress_path
 from .quality import TokenCounter, assess, default_counter
 from .report import build_report, write_report
@@ -97,25 +97,18 @@ class RecaptionRunner:
         prompt = self.template.render(
             original_caption=item.original_caption, tags=item.tags, file_name=item.file_name, folder=item.folder
         )
-        job = CaptionJob(key=item.key, prompt=prompt, load_image=lambda: None, payload=item)
-
-        def load():
-            decoded = decode_image(
-                item.read_bytes(), max_pixels=self.config.max_image_pixels, max_side=self.config.max_image_side
-            )
-            job.notes.extend(decoded.notes)
-            return decoded.image
-
-        def load_guarded():
-            try:
-                return load()
-            except OSError as error:  # unreadable file (permissions, vanished): a bad item, not a crash
-                from .images import BadImageError
-
-                raise BadImageError(f"cannot read file: {error.strerror or error}") from None
-
-        job.load_image = load_guarded
+        job = CaptionJob(key=item.key, prompt=prompt, load_image=lambda: self._load(item, job), payload=item)
         return job
+
+    def _load(self, item: SourceItem, job: CaptionJob):
+        """Read and decode one image (in the backend's worker); unreadable files become ``BadImageError``."""
+        try:
+            data = item.read_bytes()
+        except OSError as error:  # permissions, a vanished file: a bad item, not a crash
+            raise BadImageError(f"cannot read file: {error.strerror or error}") from None
+        decoded = decode_image(data, max_pixels=self.config.max_image_pixels, max_side=self.config.max_image_side)
+        job.notes.extend(decoded.notes)
+        return decoded.image
 
     def _record(self, outcome: CaptionOutcome) -> dict[str, Any]:
         item: SourceItem = outcome.job.payload
