@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 PREVIEW_IMAGES = 4
 MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed; refuses zip bombs
 ZIP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".jsonl")
+DEMO_MAX_NEW_TOKENS = 48
 TABLE_HEADERS = ["key", "words", "tokens", "flags", "accepted", "caption"]
 
 
@@ -62,6 +63,7 @@ def build_config(values: dict[str, Any], **overrides: Any) -> RecaptionConfig:
         "concurrency": int(values["concurrency"]),
         "batch_size": int(values["batch_size"]),
         "precision": values["precision"],
+        "max_new_tokens": int(values.get("max_new_tokens") or RecaptionConfig().max_new_tokens),
         "template": values["template"],
         "target_words": int(values["target_words"]) if values.get("target_words") else None,
         "prompt": (values.get("prompt") or "").strip() or None,
@@ -286,6 +288,18 @@ def accept_unflagged(state: RecaptionSession | None, flagged_only: bool) -> tupl
     return rows, f"Accepted {len(records)} unflagged captions."
 
 
+def use_demo_model(output_root: Path) -> tuple:
+    """Build (once) the tiny random offline model and select it: try the local backend without any download."""
+    from training.recaption.tiny_vlm import build_tiny_vlm  # imports torch/transformers: only when asked
+
+    folder = output_root / "recaption_demo_model"
+    if not (folder / "config.json").exists():
+        build_tiny_vlm(folder)
+    message = f"Tiny random demo model ready at {folder}: its captions are random words, for trying the workflow only."
+    # Random weights rarely emit end-of-sequence: cap the answer so the demo finishes in seconds on a CPU.
+    return "local", str(folder), DEMO_MAX_NEW_TOKENS, message
+
+
 # ---------------------------------------------------------------------------------------------- layout
 def _settings_widgets() -> dict[str, gr.components.Component]:
     """The run settings, keyed by their ``RecaptionConfig`` field name (handlers read them by name)."""
@@ -312,6 +326,9 @@ def _settings_widgets() -> dict[str, gr.components.Component]:
         with gr.Row():
             widgets["batch_size"] = gr.Slider(1, 64, value=defaults.batch_size, step=1, label="Batch size (local)")
             widgets["precision"] = gr.Dropdown(list(PRECISIONS), value=defaults.precision, label="Precision (local)")
+            widgets["max_new_tokens"] = gr.Slider(
+                8, 1024, value=defaults.max_new_tokens, step=8, label="Max new tokens"
+            )
             widgets["formats"] = gr.CheckboxGroup(list(OUTPUT_FORMATS), value=defaults.formats, label="Outputs")
             widgets["overwrite"] = gr.Checkbox(value=False, label="Overwrite existing captions")
         widgets["prompt"] = gr.Textbox(
@@ -349,6 +366,7 @@ def build_recaption_tab(output_root: Path) -> None:
         start_button = gr.Button("Start", variant="primary")
         stop_button = gr.Button("Stop", variant="stop")
         resume_button = gr.Button("Resume")
+        demo_button = gr.Button("Use the offline demo model", size="sm")
     status = gr.Markdown("Pick a dataset folder, a backend and a model, then preview or start.")
     preview_text = gr.Markdown()
     thumbs = gr.Gallery(label="Latest captions", columns=8, height=220)
@@ -398,6 +416,12 @@ def build_recaption_tab(output_root: Path) -> None:
     start_button.click(on_start, settings, [state, status, timer], api_name="recaption_start")
     resume_button.click(on_resume, settings, [state, status, timer], api_name="recaption_resume")
     stop_button.click(stop_job, state, status, api_name="recaption_stop")
+    demo_button.click(
+        lambda: use_demo_model(output_root),
+        None,
+        [widgets["backend"], widgets["model"], widgets["max_new_tokens"], status],
+        api_name="recaption_use_demo_model",
+    )
     timer.tick(poll_job, state, [status, thumbs, timer, report, histogram], api_name="recaption_poll")
     review_button.click(
         load_review,

@@ -70,6 +70,14 @@ def write_awkward_images(folder: Path) -> list[str]:
     return ["cmyk", "sixteen", "animated", "alpha"]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random LLaVA-style model, built once per test session."""
+    from training.recaption.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
 @pytest.fixture
 def fake_server() -> Iterator[FakeOpenAIServer]:
     """A clean fake server; tests change ``server.settings`` or make their own for fault cycles."""

@@ -8,16 +8,10 @@ import pytest
 
 from training.recaption.config import RecaptionConfig
 from training.recaption.runner import run
-from training.recaption.tiny_vlm import build_tiny_vlm
 
 from .conftest import progress_items, run_cli, write_awkward_images, write_bad_images, write_images
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
 
 
 def test_cli_local_backend_batches_and_skips_bad_images(tmp_path, tiny_model):

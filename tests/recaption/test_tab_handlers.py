@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import zipfile
 
@@ -19,6 +20,7 @@ from app.recaption_tab import (
     save_edit,
     start_job,
     stop_job,
+    use_demo_model,
 )
 from training.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
 
@@ -39,6 +41,7 @@ def _values(folder, base_url="http://127.0.0.1:9/v1", **changes):
         "concurrency": 1,
         "batch_size": 2,
         "precision": "auto",
+        "max_new_tokens": 64,
         "template": "dense",
         "target_words": 100,
         "prompt": "",
@@ -126,3 +129,14 @@ def test_start_stop_resume_review_and_edit(tmp_path):
     assert [row[0] for row in flagged_rows] == ["img005"]
     last = json.loads((data / "progress.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "item" and last["accepted"] is True
+
+
+def test_demo_model_runs_through_the_tab(tmp_path, tiny_model):
+    shutil.copytree(tiny_model, tmp_path / "app" / "recaption_demo_model")  # built once per session, not per test
+    backend, model, max_new_tokens, message = use_demo_model(tmp_path / "app")
+    assert backend == "local" and "random" in message
+    write_images(tmp_path / "data", 2)
+    values = _values(tmp_path / "data", backend="local", model=model, max_new_tokens=max_new_tokens)
+    session, _, _ = start_job(None, values, tmp_path / "app")
+    text, *_ = _wait_until_finished(session)
+    assert text.startswith("**finished**: 2 / 2 images, 2 captioned"), session.job.log_tail()

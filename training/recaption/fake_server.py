@@ -208,6 +208,10 @@ class FakeOpenAIServer:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("Content-Length", "0"))
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self.rfile.read(length)
+                    self._send(404, b'{"error": {"message": "unknown endpoint"}}')
+                    return
                 try:
                     request = json.loads(self.rfile.read(length))
                     prompt = request["messages"][0]["content"][0]["text"]

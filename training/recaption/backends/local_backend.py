@@ -1,5 +1,8 @@
 """Local vision-language models through transformers ``image-text-to-text`` (Qwen2.5-VL, SmolVLM, LLaVA/JoyCaption...).
 
+Models with a chat template get the prompt as a user turn holding the image; models without one (task-prompt models)
+get the prompt text as is. Only the tiny LLaVA-style test model is exercised by the test suite.
+
 Images are captioned in batches with greedy or sampled decoding, on the GPU of this process's rank when there is one.
 Memory modes: fp32, fp16, bf16, and 8-bit / 4-bit weights through bitsandbytes (CUDA only).
 """
