@@ -1,0 +1,439 @@
+"""The Recaption tab: pick a dataset, preview 4 captions, run / stop / resume the job, then review and edit.
+
+The job is ``python -m training.recaption`` in its own process (``training.recaption.job``), so the UI stays
+responsive and a closed browser loses nothing. Everything per user lives in ``gr.State``; nothing is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from training.recaption.config import BACKENDS, OUTPUT_FORMATS, PRECISIONS, RecaptionConfig
+from training.recaption.job import RecaptionJob
+from training.recaption.review import captioned_records, save_caption
+from training.recaption.templates import PRESETS
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_IMAGES = 4
+MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed; refuses zip bombs
+ZIP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".jsonl")
+DEMO_MAX_NEW_TOKENS = 48
+TABLE_HEADERS = ["key", "words", "tokens", "flags", "accepted", "caption"]
+
+
+@dataclass
+class RecaptionSession:
+    """One browser session's jobs (kept in ``gr.State``)."""
+
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    job: RecaptionJob | None = None
+    output_dir: str | None = None
+
+
+def _session(state: RecaptionSession | None) -> RecaptionSession:
+    return state if isinstance(state, RecaptionSession) else RecaptionSession()
+
+
+# ---------------------------------------------------------------------------------------------- settings -> config
+def build_config(values: dict[str, Any], **overrides: Any) -> RecaptionConfig:
+    """Widget values (by config field name) -> a validated config; user mistakes become ``gr.Error``."""
+    folder = (values.get("inputs") or "").strip()
+    if not folder:
+        raise gr.Error("Pick a dataset folder (or upload a zip) first.")
+    if not Path(folder).is_dir():
+        raise gr.Error(f"The dataset folder {folder!r} does not exist or is not a folder.")
+    settings = {
+        "inputs": [folder],
+        "output_dir": (values.get("output_dir") or "").strip() or None,
+        "formats": list(values.get("formats") or ["sidecar"]),
+        "backend": values["backend"],
+        "model": (values.get("model") or "").strip(),
+        "base_url": (values.get("base_url") or "").strip(),
+        "api_key_env": (values.get("api_key_env") or "").strip(),
+        "concurrency": int(values["concurrency"]),
+        "batch_size": int(values["batch_size"]),
+        "precision": values["precision"],
+        "max_new_tokens": int(values.get("max_new_tokens") or RecaptionConfig().max_new_tokens),
+        "template": values["template"],
+        "target_words": int(values["target_words"]) if values.get("target_words") else None,
+        "prompt": (values.get("prompt") or "").strip() or None,
+        "overwrite": bool(values.get("overwrite")),
+        **overrides,
+    }
+    if not settings["model"]:
+        raise gr.Error("Enter a model: a model name for the server, or a local model folder.")
+    try:
+        return RecaptionConfig.from_dict(settings)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+
+
+def extract_zip(upload: str | None, output_root: Path, session: RecaptionSession) -> str:
+    """Unpack an uploaded zip into ``output_root/uploads/<session>/<id>`` safely; returns the folder."""
+    if not upload:
+        raise gr.Error("Choose a .zip file to upload.")
+    target = output_root / "uploads" / session.session_id / uuid.uuid4().hex[:8]
+    try:
+        with zipfile.ZipFile(upload) as archive:
+            members = [
+                info
+                for info in archive.infolist()
+                if not info.is_dir() and info.filename.lower().endswith(ZIP_EXTENSIONS)
+            ]
+            if sum(info.file_size for info in members) > MAX_ZIP_BYTES:
+                raise gr.Error(
+                    f"The zip unpacks to more than {MAX_ZIP_BYTES // 1024**3} GB; upload a smaller one or use a folder."
+                )
+            for info in members:
+                destination = (target / info.filename).resolve()
+                if not destination.is_relative_to(target.resolve()):  # "zip slip": ../ or absolute names
+                    raise gr.Error(f"The zip holds an unsafe path {info.filename!r}.")
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(archive.read(info))
+    except zipfile.BadZipFile:
+        raise gr.Error("That file is not a valid .zip archive.") from None
+    if not members:
+        raise gr.Error(f"The zip holds no images; allowed files: {', '.join(ZIP_EXTENSIONS)}.")
+    return str(target)
+
+
+# ---------------------------------------------------------------------------------------------- views of a run
+def _thumbnail(record: dict[str, Any]) -> tuple[Image.Image, str] | None:
+    if not record.get("image"):
+        return None
+    try:
+        with Image.open(record["image"]) as image:
+            image.seek(0)
+            thumb = image.convert("RGB")
+            thumb.thumbnail((160, 160))
+    except (OSError, ValueError):
+        return None
+    return thumb, f"{record['key']}: {record.get('caption', '')[:140]}"
+
+
+def progress_view(events: list[dict[str, Any]], running: bool, exit_code: int | None) -> tuple[str, list]:
+    """A status line and thumbnails of the latest captions from a run's progress events."""
+    if not events:
+        return ("Starting..." if running else "No progress yet."), []
+    last = events[-1]
+    done, total = last.get("done", 0), last.get("total", 0)
+    state = (
+        "running"
+        if running
+        else {0: "finished", 1: "finished with failures", 130: "stopped"}.get(exit_code, f"ended (exit {exit_code})")
+    )
+    text = f"**{state}**: {done} / {total} images, {last.get('captioned', 0)} captioned, {last.get('failed', 0)} failed"
+    if last.get("stopped_reason"):
+        text += f"  \nStopped: {last['stopped_reason']}"
+    items = [event for event in events if event.get("event") == "item" and event.get("status") == "ok"][-8:]
+    return text, [thumb for thumb in map(_thumbnail, reversed(items)) if thumb]
+
+
+def review_table(output_dir: str | None, flagged_only: bool) -> tuple[list[list[Any]], list[str]]:
+    """Rows for the review table and the keys for the editor's dropdown."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return [], []
+    records = captioned_records(Path(output_dir), flagged_only=flagged_only)
+    rows = [
+        [
+            r["key"],
+            r.get("words"),
+            r.get("tokens"),
+            ", ".join(r.get("flags", [])),
+            bool(r.get("accepted")),
+            r["caption"],
+        ]
+        for r in records
+    ]
+    return rows, [r["key"] for r in records]
+
+
+def statistics(output_dir: str | None) -> tuple[dict | None, Image.Image | None]:
+    """The run's report and histogram, when written (the histogram as an image: the folder may not be served)."""
+    if not output_dir:
+        return None, None
+    report, histogram = Path(output_dir) / "recaption_report.json", Path(output_dir) / "recaption_histogram.png"
+    data = json.loads(report.read_text(encoding="utf-8")) if report.exists() else None
+    return data, Image.open(histogram).copy() if histogram.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+def start_job(
+    state: RecaptionSession | None, values: dict[str, Any], output_root: Path, *, resume: bool = False
+) -> tuple:
+    """Start (or resume: same settings, never overwrite) a run as a child process."""
+    session = _session(state)
+    if session.job is not None and session.job.running():
+        raise gr.Error("A recaption job is already running; stop it first.")
+    config = build_config(values, overwrite=False) if resume else build_config(values)
+    try:
+        config_dir = output_root / "recaption_jobs" / session.session_id / uuid.uuid4().hex[:8]
+        session.job = RecaptionJob.start(config, config_dir)
+    except (OSError, ValueError) as error:
+        raise gr.Error(f"Could not start the job: {error}") from None
+    session.output_dir = str(session.job.output_dir)
+    return session, f"Started: captions go to {session.output_dir}", gr.Timer(active=True)
+
+
+def poll_job(state: RecaptionSession | None) -> tuple:
+    """Timer tick: status, thumbnails, and (once finished) statistics; the timer stops with the job."""
+    session = _session(state)
+    if session.job is None:
+        return "No job started.", [], gr.Timer(active=False), None, None
+    running = session.job.running()
+    text, thumbs = progress_view(session.job.events(), running, session.job.exit_code())
+    if not running and session.job.exit_code() not in (0, 1, 130):
+        text += f"\n\n```\n{session.job.log_tail(1500)}\n```"
+    report, histogram = statistics(session.output_dir) if not running else (gr.skip(), gr.skip())
+    return text, thumbs, gr.Timer(active=running), report, histogram
+
+
+def stop_job(state: RecaptionSession | None) -> str:
+    """Stop the running job (its progress is kept; Resume continues it)."""
+    session = _session(state)
+    if session.job is None or not session.job.running():
+        raise gr.Error("No recaption job is running.")
+    session.job.stop()
+    return "Stopped. Press Resume to continue where it left off."
+
+
+def preview(state: RecaptionSession | None, values: dict[str, Any], output_root: Path) -> tuple:
+    """Caption the first 4 images into a scratch folder (the dataset is not touched) and show them."""
+    session = _session(state)
+    scratch = output_root / "recaption_jobs" / session.session_id / f"preview-{uuid.uuid4().hex[:8]}"
+    config = build_config(
+        values, output_dir=str(scratch / "out"), formats=["jsonl"], limit=PREVIEW_IMAGES, overwrite=True
+    )
+    job = RecaptionJob.start(config, scratch)
+    try:
+        job.wait(timeout=600)
+    except Exception:  # noqa: BLE001 - any wait failure: stop the child, then report
+        job.stop(grace_seconds=2)
+        raise gr.Error("The preview took longer than 10 minutes and was stopped.") from None
+    items = [event for event in job.events() if event.get("event") == "item"]
+    if not items:
+        raise gr.Error(f"The preview produced no captions. Log:\n{job.log_tail(800)}")
+    lines = [f"**{item['key']}**: " + (item.get("caption") or f"failed: {item.get('reason')}") for item in items]
+    thumbs = [thumb for thumb in map(_thumbnail, items) if thumb]
+    return session, "\n\n".join(lines), thumbs
+
+
+def load_review(state: RecaptionSession | None, output_dir: str, flagged_only: bool) -> tuple:
+    """Fill the review table and the editor's key list from the run's output folder."""
+    session = _session(state)
+    folder = (output_dir or "").strip() or session.output_dir
+    if not folder or not Path(folder).is_dir():
+        raise gr.Error("Start a run first, or enter the output folder of an earlier run.")
+    session.output_dir = folder
+    rows, keys = review_table(folder, flagged_only)
+    report, histogram = statistics(folder)
+    return session, rows, gr.Dropdown(choices=keys, value=keys[0] if keys else None), report, histogram
+
+
+def show_caption(state: RecaptionSession | None, key: str | None) -> tuple:
+    """The selected image and its caption in the editor."""
+    session = _session(state)
+    if not key or not session.output_dir:
+        return None, ""
+    record = next((r for r in captioned_records(Path(session.output_dir)) if r["key"] == key), None)
+    if record is None:
+        return None, ""
+    thumb = _thumbnail(record)
+    return (thumb[0] if thumb else None), record["caption"]
+
+
+def save_edit(state: RecaptionSession | None, key: str | None, caption: str, flagged_only: bool) -> tuple:
+    """Save the edited caption (atomically) and mark it accepted."""
+    session = _session(state)
+    if session.job is not None and session.job.running():
+        raise gr.Error("Wait for the job to finish (or stop it) before editing captions.")
+    if not key or not session.output_dir:
+        raise gr.Error("Load the captions and choose an image first.")
+    config = session.job.config if session.job else None
+    try:
+        save_caption(
+            Path(session.output_dir),
+            key,
+            caption,
+            write_sidecar=config is None or "sidecar" in config.formats,
+            sidecar_extension=config.sidecar_extension if config else ".txt",
+        )
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    rows, _ = review_table(session.output_dir, flagged_only)
+    return rows, f"Saved and accepted {key}."
+
+
+def accept_unflagged(state: RecaptionSession | None, flagged_only: bool) -> tuple:
+    """Mark every caption without quality flags as accepted (captions unchanged)."""
+    session = _session(state)
+    if session.job is not None and session.job.running():
+        raise gr.Error("Wait for the job to finish (or stop it) before accepting captions.")
+    if not session.output_dir:
+        raise gr.Error("Load the captions first.")
+    records = [r for r in captioned_records(Path(session.output_dir)) if not r.get("flags") and not r.get("accepted")]
+    for record in records:
+        save_caption(Path(session.output_dir), record["key"], record["caption"], write_sidecar=False)
+    rows, _ = review_table(session.output_dir, flagged_only)
+    return rows, f"Accepted {len(records)} unflagged captions."
+
+
+def use_demo_model(output_root: Path) -> tuple:
+    """Build (once) the tiny random offline model and select it: try the local backend without any download."""
+    from training.recaption.tiny_vlm import build_tiny_vlm  # imports torch/transformers: only when asked
+
+    folder = output_root / "recaption_demo_model"
+    if not (folder / "config.json").exists():
+        build_tiny_vlm(folder)
+    message = f"Tiny random demo model ready at {folder}: its captions are random words, for trying the workflow only."
+    # Random weights rarely emit end-of-sequence: cap the answer so the demo finishes in seconds on a CPU.
+    return "local", str(folder), DEMO_MAX_NEW_TOKENS, message
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def _settings_widgets() -> dict[str, gr.components.Component]:
+    """The run settings, keyed by their ``RecaptionConfig`` field name (handlers read them by name)."""
+    defaults = RecaptionConfig()
+    widgets: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        widgets["inputs"] = gr.Textbox(label="Dataset folder", placeholder="/data/my_images", scale=3)
+        upload = gr.File(label="...or upload a zip", file_types=[".zip"], type="filepath", scale=1)
+    widgets["output_dir"] = gr.Textbox(label="Output folder (empty: sidecars next to the images)")
+    with gr.Row():
+        widgets["backend"] = gr.Radio(list(BACKENDS), value=defaults.backend, label="Backend")
+        widgets["model"] = gr.Textbox(value=defaults.model, label="Model (server model name or local model folder)")
+        widgets["template"] = gr.Dropdown(list(PRESETS), value=defaults.template, label="Template")
+        widgets["target_words"] = gr.Number(
+            value=PRESETS[defaults.template].target_words, precision=0, label="Target words"
+        )
+    with gr.Accordion("Backend and output settings", open=False):
+        with gr.Row():
+            widgets["base_url"] = gr.Textbox(value=defaults.base_url, label="Server URL (openai)")
+            widgets["api_key_env"] = gr.Textbox(
+                value=defaults.api_key_env, label="Environment variable holding the API key"
+            )
+            widgets["concurrency"] = gr.Slider(1, 64, value=defaults.concurrency, step=1, label="Concurrent requests")
+        with gr.Row():
+            widgets["batch_size"] = gr.Slider(1, 64, value=defaults.batch_size, step=1, label="Batch size (local)")
+            widgets["precision"] = gr.Dropdown(list(PRECISIONS), value=defaults.precision, label="Precision (local)")
+            widgets["max_new_tokens"] = gr.Slider(
+                8, 1024, value=defaults.max_new_tokens, step=8, label="Max new tokens"
+            )
+            widgets["formats"] = gr.CheckboxGroup(list(OUTPUT_FORMATS), value=defaults.formats, label="Outputs")
+            widgets["overwrite"] = gr.Checkbox(value=False, label="Overwrite existing captions")
+        widgets["prompt"] = gr.Textbox(
+            label="Custom prompt (optional; variables {original_caption} {hint} {tags} {file_name} {folder} {target_words})",
+            lines=3,
+        )
+    widgets["template"].change(
+        lambda name: PRESETS[name].target_words, widgets["template"], widgets["target_words"], api_name=False
+    )
+    widgets["_upload"] = upload
+    return widgets
+
+
+def _selected_key(event: gr.SelectData) -> Any:
+    """A click on a table row picks that image in the editor."""
+    return event.row_value[0] if event.row_value else gr.skip()
+
+
+def build_recaption_tab(output_root: Path) -> None:
+    """Build the tab inside an open ``gr.Blocks`` / ``gr.Tab``; job configs, logs and uploads go under ``output_root``."""
+    output_root = Path(output_root)
+    state = gr.State(None)
+    widgets = _settings_widgets()
+    upload = widgets.pop("_upload")
+    # One fixed order (state, then the settings by field name) so API callers see stable parameters; handlers
+    # turn the values back into a dict by name instead of unpacking dozens of positional arguments.
+    setting_names = list(widgets)
+    settings = [state, *widgets.values()]
+
+    def by_name(values: tuple) -> tuple[RecaptionSession | None, dict[str, Any]]:
+        return values[0], dict(zip(setting_names, values[1:], strict=True))
+
+    with gr.Row():
+        preview_button = gr.Button("Preview on 4 images")
+        start_button = gr.Button("Start", variant="primary")
+        stop_button = gr.Button("Stop", variant="stop")
+        resume_button = gr.Button("Resume")
+        demo_button = gr.Button("Use the offline demo model", size="sm")
+    status = gr.Markdown("Pick a dataset folder, a backend and a model, then preview or start.")
+    preview_text = gr.Markdown()
+    thumbs = gr.Gallery(label="Latest captions", columns=8, height=220)
+    timer = gr.Timer(1.0, active=False)
+
+    with gr.Accordion("Review and statistics", open=True):
+        with gr.Row():
+            review_folder = gr.Textbox(label="Output folder to review (empty: this session's run)", scale=3)
+            flagged_only = gr.Checkbox(label="Only flagged captions", scale=1)
+            review_button = gr.Button("Load captions", scale=1)
+        table = gr.Dataframe(
+            headers=TABLE_HEADERS,
+            datatype=["str", "number", "number", "str", "bool", "str"],
+            type="array",
+            interactive=False,
+            wrap=True,
+            max_height=360,
+            label="Captions",
+        )
+        with gr.Row():
+            key = gr.Dropdown(label="Image", choices=[], scale=1)
+            editor_image = gr.Image(label="Image", type="pil", interactive=False, height=200, scale=1)
+            caption = gr.Textbox(label="Caption", lines=7, scale=3)
+        with gr.Row():
+            save_button = gr.Button("Save & accept caption", variant="primary")
+            accept_button = gr.Button("Accept all unflagged")
+        review_status = gr.Markdown()
+        with gr.Row():
+            report = gr.JSON(label="Statistics")
+            histogram = gr.Image(label="Caption length histogram", type="pil", interactive=False)
+
+    def on_upload(current: RecaptionSession | None, zip_path: str | None) -> tuple:
+        session = _session(current)
+        return session, extract_zip(zip_path, output_root, session)
+
+    def on_start(*values: Any) -> tuple:
+        return start_job(*by_name(values), output_root)
+
+    def on_resume(*values: Any) -> tuple:
+        return start_job(*by_name(values), output_root, resume=True)
+
+    def on_preview(*values: Any) -> tuple:
+        return preview(*by_name(values), output_root)
+
+    upload.upload(on_upload, [state, upload], [state, widgets["inputs"]], api_name="recaption_upload_zip")
+    preview_button.click(on_preview, settings, [state, preview_text, thumbs], api_name="recaption_preview")
+    start_button.click(on_start, settings, [state, status, timer], api_name="recaption_start")
+    resume_button.click(on_resume, settings, [state, status, timer], api_name="recaption_resume")
+    stop_button.click(stop_job, state, status, api_name="recaption_stop")
+    demo_button.click(
+        lambda: use_demo_model(output_root),
+        None,
+        [widgets["backend"], widgets["model"], widgets["max_new_tokens"], status],
+        api_name="recaption_use_demo_model",
+    )
+    timer.tick(poll_job, state, [status, thumbs, timer, report, histogram], api_name="recaption_poll")
+    review_button.click(
+        load_review,
+        [state, review_folder, flagged_only],
+        [state, table, key, report, histogram],
+        api_name="recaption_load_review",
+    )
+    key.change(show_caption, [state, key], [editor_image, caption], api_name="recaption_show_caption")
+    table.select(_selected_key, None, key, api_name=False)
+    save_button.click(
+        save_edit, [state, key, caption, flagged_only], [table, review_status], api_name="recaption_save_caption"
+    )
+    accept_button.click(
+        accept_unflagged, [state, flagged_only], [table, review_status], api_name="recaption_accept_unflagged"
+    )
