@@ -9,6 +9,7 @@ import gradio as gr
 
 from app.gallery_tab import build_gallery_tab
 from app.generate_tab import GPU_QUEUE, build_generate_tab, user_error
+from app.recaption_tab import build_recaption_tab
 from app.settings import AppSettings
 from lens_core.engine import TINY_MODEL, LensEngine
 from lens_core.loading import CheckpointError
@@ -54,7 +55,8 @@ def build_ui(engine: LensEngine, settings: AppSettings) -> gr.Blocks:
                 generate_tab = build_generate_tab(engine, settings)
             with gr.Tab("Gallery", id="gallery") as gallery_tab:
                 build_gallery_tab(engine, generate_tab, tabs, gallery_tab)
-            # Lead (merge): with gr.Tab("Recaption", id="recaption"): build_recaption_tab(settings.output_dir)
+            with gr.Tab("Recaption", id="recaption"):
+                build_recaption_tab(settings.output_dir / "recaption")
             # Lead (merge): with gr.Tab("Train", id="train"): build_train_tab(...)
     return demo
 

@@ -1,31 +1,16 @@
-"""Start `python app.py` in a subprocess for the app tests, and find Debian's Chromium for the browser test.
-
-(A shared `tests/browser_support.py` is written on another branch; the lead unifies the two helpers at merge.)
-"""
+"""Start `python app.py` in a subprocess for the app tests (Chromium is found by `browser_support`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def free_port() -> int:
@@ -90,14 +75,3 @@ def wait_until_ready(client, timeout_s: float = 180) -> str:
             return status
         time.sleep(0.5)
     raise RuntimeError(f"The model did not become ready: {status}")
-
-
-def chromium_path() -> str:
-    """Debian's Chromium, or skip (fail when LENS_REQUIRE_BROWSER=1, as in CI)."""
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    message = "Chromium is not installed (apt-get install chromium)"
-    if os.environ.get("LENS_REQUIRE_BROWSER") == "1":
-        pytest.fail(message)
-    pytest.skip(message)

@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from app_server_support import CHROMIUM_ARGS, REPO, chromium_path
+from app_server_support import REPO
+from browser_support import CHROMIUM_ARGS, find_chromium
 from PIL import Image
 
 from lens_core.metadata import ImageSettings, read_settings, save_png
@@ -20,7 +21,7 @@ SCREENSHOT = REPO / "assets" / "generate_tab.png"
 
 @pytest.fixture(scope="module")
 def browser():
-    executable = chromium_path()
+    executable = find_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
