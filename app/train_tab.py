@@ -182,4 +182,4 @@ def build_train_tab(output_root: Path, engine=None) -> None:
     load.click(on_load, lora_path, load_message, api_name="train_load_lora")
     refresh_button = gr.Button("Refresh", size="sm")
     refresh_button.click(refresh, folder_state, views, api_name="train_status")
-    gr.Timer(3.0).tick(refresh, folder_state, views, show_api=False)
+    gr.Timer(3.0).tick(refresh, folder_state, views, api_visibility="private")

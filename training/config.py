@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,6 +176,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 PRESET_ORDER = ("12gb", "16gb", "24gb", "48gb")
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 BUCKET_SETS = ("lens", "lens-512", "lens-768", "lens-1024")
 
 
@@ -188,6 +190,8 @@ def _coerce(value, annotation, key: str):
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None and type(None) in options:
         return None
+    if float in options and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; it is plainly a number
     for option in options:
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -206,7 +210,7 @@ def _apply(target, values: dict, prefix: str = "") -> None:
         full = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {prefix}{close[0]!r}?" if close else f" Known keys here: {names}."
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys here: {names}."
             raise ValueError(f"Unknown config key {full!r}.{hint}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
