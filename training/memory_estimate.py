@@ -53,14 +53,24 @@ def fitting_preset(config: TrainConfig, base_parameters: int, total_gb: float) -
     return best
 
 
+def fit_problem(config: TrainConfig, base_parameters: int, total_gb: float) -> str | None:
+    """None when `config` is estimated to fit a `total_gb` card; else the message, naming the preset that fits."""
+    need = estimate_peak_gb(config, base_parameters)
+    if need <= total_gb:
+        return None
+    preset = fitting_preset(config, base_parameters, total_gb)
+    advice = (
+        f"use --preset {preset}" if preset else "no preset fits this card; use data.buckets=lens-512 and adapter.rank=8"
+    )
+    return f"This config needs about {need:.1f} GiB but the GPU has {total_gb:.1f} GiB: {advice}."
+
+
 def check_fits_device(config: TrainConfig, base_parameters: int, device: torch.device) -> None:
     """On CUDA: refuse a config whose estimate exceeds the card, naming the preset that fits."""
     if device.type != "cuda":
         return
     total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
-    need = estimate_peak_gb(config, base_parameters)
-    logger.info("Estimated peak memory %.1f GiB on a %.1f GiB GPU", need, total_gb)
-    if need > total_gb:
-        preset = fitting_preset(config, base_parameters, total_gb)
-        advice = f"use --set preset={preset}" if preset else "no preset fits this card; lower data.buckets to lens-512"
-        raise ValueError(f"This config needs about {need:.1f} GiB but the GPU has {total_gb:.1f} GiB: {advice}.")
+    logger.info("Estimated peak memory %.1f GiB on a %.1f GiB GPU", estimate_peak_gb(config, base_parameters), total_gb)
+    problem = fit_problem(config, base_parameters, total_gb)
+    if problem:
+        raise ValueError(problem)

@@ -20,7 +20,7 @@ from training.progress import read_progress
 from training.trainer import LensTrainer
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 120
+STEPS = 40
 
 
 def _config_values(checkpoint, data, output):
@@ -30,14 +30,14 @@ def _config_values(checkpoint, data, output):
         output,
         STEPS,
         **{
-            "monitor.checkpoint_every": 10,
+            "monitor.checkpoint_every": 5,
             "data.caption_dropout": 0.3,
             "optimizer.learning_rate": 1e-3,
             "optimizer.scheduler": "cosine",
             "optimizer.warmup_steps": 5,
             "loop.ema_decay": 0.9,
             "data.validation_count": 1,
-            "monitor.validate_every": 40,
+            "monitor.validate_every": 15,
         },
     )
     nested: dict = {}
