@@ -31,7 +31,7 @@ class ModelConfig:
     transformer_file: str | None = _f(None, "Optional Comfy-Org single-file denoiser used instead of transformer/.")
     base_precision: str = _f(
         "bf16",
-        "Frozen base weights: fp32, bf16, fp8 (torchao), nf4 or int8 (bitsandbytes, QLoRA).",
+        "Frozen base weights: fp32, bf16, fp8 (float8 e4m3 storage), nf4 or int8 (bitsandbytes, QLoRA).",
         choices=("fp32", "bf16", "fp8", "nf4", "int8"),
     )
     max_sequence_length: int = _f(512, "Token window of the text encoder (preamble + caption + suffix).")

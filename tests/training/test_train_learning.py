@@ -1,10 +1,11 @@
 """The trainer really teaches the model: a LoRA learns which caption goes with which of two image patterns.
 
-The random tiny denoiser cannot denoise at all, so a LoRA on it has to learn everything at once. To test what
-fine-tuning is for, the test first makes a small "pre-trained" base: full fine-tuning with every caption dropped (it
-learns to denoise the two patterns but not which caption is which). A LoRA trained on that base with captions must
-then put each caption's samples nearer its own pattern than the other's, in latent space. The same run's LoRA goes
-through save, ComfyUI/kohya export and `load_lora_weights`.
+A random tiny denoiser cannot denoise at all, and a LoRA on a random frozen base cannot learn denoising and caption
+binding at once in a CPU budget. So, as in real use, the LoRA starts from a "pre-trained" base: the tiny denoiser
+(widened to 128 channels) fully fine-tuned by the same trainer on two *other* captioned patterns. A LoRA trained on that
+base with two new captions and patterns must put each caption's samples nearer its own pattern than the other's, in
+latent space, where the base alone does not. The same run's LoRA goes through save, ComfyUI/kohya export and
+`load_lora_weights`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ def pretrained(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     checkpoint = build_wide_tiny_checkpoint(tiny_checkpoint, root / "wide")
     data = make_toy_dataset(root / "data", copies=2)
+    base_data = make_toy_dataset(root / "base-data", copies=2, base=True)
     overrides = tiny_overrides(
         checkpoint,
-        data,
+        base_data,
         root / "pretrain",
-        500,
-        **{"adapter.method": "full", "data.caption_dropout": 1.0, "optimizer.learning_rate": 2e-3, "name": "base"},
+        300,
+        **{"adapter.method": "full", "data.caption_dropout": 0.1, "optimizer.learning_rate": 2e-3, "name": "base"},
     )
     outputs = LensTrainer(build_config({}, overrides)).run()
     return checkpoint, outputs["transformer"], data
@@ -47,11 +49,11 @@ def lora_run(pretrained, tmp_path_factory):
         checkpoint,
         data,
         output,
-        300,
+        200,
         **{
             "model.transformer_file": base_file,
-            "adapter.rank": 32,
-            "adapter.alpha": 64.0,
+            "adapter.rank": 16,
+            "adapter.alpha": 16.0,
             "optimizer.learning_rate": 3e-3,
             "data.caption_dropout": 0.1,
         },
@@ -68,22 +70,15 @@ def test_the_loss_falls(pretrained, lora_run):
     assert np.mean(base_losses[-40:]) < 0.5 * np.mean(base_losses[:20])
     trainer, _outputs, _patterns = lora_run
     events = read_progress(trainer.output_dir)
-    assert len([e for e in events if e["event"] == "step"]) == 100
+    lora_losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert len(lora_losses) == trainer.config.loop.max_steps
+    assert np.mean(lora_losses[-40:]) < np.mean(lora_losses[:20])
     assert any(e["event"] == "samples" and e["step"] == 0 for e in events)  # base-model samples before training
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "Known gap: on the tiny denoiser a LoRA has not yet been shown to bind each caption to its pattern within a CPU "
-        "budget (samples land between the two patterns). Kept running so a fix shows up as XPASS."
-    ),
-)
-def test_samples_land_nearer_their_own_pattern(pretrained, lora_run):
-    checkpoint, base_file, _data = pretrained
-    _trainer, outputs, patterns = lora_run
-    pipe = LensPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32, transformer_file=base_file)
-    pipe.load_lora_weights(outputs["diffusers"])
+def _margins(pipe, patterns) -> list[float]:
+    """Distance to the other pattern minus distance to the caption's own, for each caption and seed (> 0 = right)."""
+    margins = []
     for caption in CAPTIONS:
         other = next(c for c in CAPTIONS if c != caption)
         for seed in SEEDS:
@@ -96,8 +91,20 @@ def test_samples_land_nearer_their_own_pattern(pretrained, lora_run):
                 generator=torch.Generator().manual_seed(seed),
                 output_type="latent",
             ).images[0]  # [16, 128]
-            own, wrong = (sample - patterns[caption]).norm(), (sample - patterns[other]).norm()
-            assert own < wrong, f"{caption!r} seed {seed}: {own:.2f} to its own pattern, {wrong:.2f} to the other"
+            margins.append(float((sample - patterns[other]).norm() - (sample - patterns[caption]).norm()))
+    return margins
+
+
+def test_samples_land_nearer_their_own_pattern(pretrained, lora_run):
+    checkpoint, base_file, _data = pretrained
+    _trainer, outputs, patterns = lora_run
+    pipe = LensPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32, transformer_file=base_file)
+    before = _margins(pipe, patterns)
+    pipe.load_lora_weights(outputs["diffusers"])
+    after = _margins(pipe, patterns)
+    assert min(after) > 0, f"some samples are nearer the other caption's pattern: margins {after}"
+    # The base never saw these captions: the LoRA is what put the samples on the right side.
+    assert np.mean(after) > np.mean(before) + 1.0, f"margins before {before}, after {after}"
 
 
 def test_exports_load_to_the_same_model(pretrained, lora_run):

@@ -8,11 +8,21 @@ import numpy as np
 import PIL.Image
 
 CAPTIONS = ("a bright white field with a black left border", "a dark checkerboard of red and blue squares")
+# Other patterns and captions, for the "pre-trained" base of the learning test.
+BASE_CAPTIONS = ("green horizontal stripes on grey", "a plain yellow square with a purple dot")
 
 
 def pattern(kind: int, size: int = 64) -> np.ndarray:
     """Pattern 0: white with a black left band; pattern 1: a red/blue checkerboard of 16-pixel squares."""
     image = np.zeros((size, size, 3), np.uint8)
+    if kind == 2:
+        image[:] = 120
+        image[(np.arange(size) // 8) % 2 == 0] = (20, 200, 20)
+        return image
+    if kind == 3:
+        image[:] = (230, 220, 30)
+        image[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = (120, 20, 160)
+        return image
     if kind == 0:
         image[:] = 235
         image[:, : size // 4] = 10
@@ -24,13 +34,14 @@ def pattern(kind: int, size: int = 64) -> np.ndarray:
     return image
 
 
-def make_toy_dataset(folder: Path, copies: int = 2, size: int = 64, sidecars: bool = True) -> Path:
+def make_toy_dataset(folder: Path, copies: int = 2, size: int = 64, sidecars: bool = True, base: bool = False) -> Path:
     """`copies` images of each pattern with their captions (sidecar .txt files, or metadata.jsonl)."""
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for kind, caption in enumerate(CAPTIONS):
+    kinds = ((2, BASE_CAPTIONS[0]), (3, BASE_CAPTIONS[1])) if base else tuple(enumerate(CAPTIONS))
+    for kind, caption in kinds:
         for copy in range(copies):
             name = f"pattern{kind}_{copy}.png"
             PIL.Image.fromarray(pattern(kind, size)).save(folder / name)
