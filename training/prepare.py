@@ -73,7 +73,7 @@ def prepare_data(pipe, config: TrainConfig, cache: FeatureCache, device: torch.d
     identity = _model_identity(pipe)
     items, truncated = [], 0
     pipe.vae.to(device)
-    pipe.text_encoder.to(device)
+    place_text_encoder(pipe, device)
     for index in sorted(assigned):
         sample, bucket = samples[index], assigned[index]
         caption = _caption(config, sample.caption)
@@ -103,6 +103,28 @@ def prepare_data(pipe, config: TrainConfig, cache: FeatureCache, device: torch.d
     train, validation = (items[:-count], items[-count:]) if count else (items, [])
     logger.info("Cached %d training and %d validation images in %s", len(train), len(validation), cache.root)
     return PreparedData(train, validation, prompts, prompt_keys, truncated)
+
+
+def place_text_encoder(pipe, device: torch.device) -> None:
+    """Put the encoder on the device when it fits in 80% of the free memory; otherwise stream its layers from CPU
+    memory (accelerate's sequential offload: a few hundred MB resident, slower, fine for a one-off caching pass)."""
+    encoder = pipe.text_encoder
+    if device.type != "cuda":
+        encoder.to(device)
+        return
+    need = sum(t.numel() * t.element_size() for t in [*encoder.parameters(), *encoder.buffers()])
+    free, _total = torch.cuda.mem_get_info(device)
+    if need < 0.8 * free:
+        encoder.to(device)
+        return
+    from accelerate import cpu_offload
+
+    logger.info(
+        "Text encoder (%.1f GiB) does not fit the free %.1f GiB: streaming its layers for caching.",
+        need / 2**30,
+        free / 2**30,
+    )
+    cpu_offload(encoder, execution_device=device)
 
 
 def free_text_encoder(pipe) -> None:
