@@ -121,9 +121,14 @@ class LensTrainer:
         self.device = self.accelerator.device
         self.output_dir.mkdir(parents=True, exist_ok=True)
         model = self.config.model
+        # The official weights are float32 (16.4 GB for the denoiser): load in bf16 unless fp32 is trained or kept.
+        keep_fp32 = model.base_precision == "fp32" or self.config.adapter.method == "full"
         self.pipe = LensPipeline.from_pretrained(
-            model.path, torch_dtype=torch.float32, transformer_file=model.transformer_file
+            model.path,
+            torch_dtype=torch.float32 if keep_fp32 else torch.bfloat16,
+            transformer_file=model.transformer_file,
         )
+        self.pipe.vae.to(torch.float32)  # cached latents are encoded in float32
         check_fits_device(self.config, sum(p.numel() for p in self.pipe.transformer.parameters()), self.device)
         cache_dir = self.config.data.cache_dir or self.output_dir / "cache"
         self.cache = FeatureCache(cache_dir)
