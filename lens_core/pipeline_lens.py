@@ -19,6 +19,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .latents import PACKED_CHANNELS, decode_tokens
+from .lora import LensLoraLoaderMixin
 from .presets import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_PROMPT_DATE,
@@ -80,7 +81,7 @@ def _as_list(value, name: str) -> list[str]:
     raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}.")
 
 
-class LensPipeline(DiffusionPipeline):
+class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
     """Lens text-to-image: GPT-OSS features -> `LensTransformer2DModel` flow matching -> FLUX.2 VAE.
 
     Load with `LensPipeline.from_pretrained(repo_id_or_folder, torch_dtype=...)`.

@@ -1,0 +1,78 @@
+"""Training configs: YAML into typed dataclasses, presets, overrides, and errors that name the bad key or value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import PRESETS, build_config, load_config_file, parse_override
+from training.train import parse_args, resolve
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
+
+
+def test_defaults_plus_data_flag_are_a_complete_run():
+    config = resolve(parse_args(["--data", "/some/folder", "--max-steps", "7"]))
+    assert config.data.path == "/some/folder"
+    assert config.loop.max_steps == 7
+    assert config.model.path == "microsoft/Lens-Base"  # the default base for fine-tuning
+    assert config.adapter.method == "lora" and not config.adapter.train_modulation
+
+
+def test_unknown_key_is_an_error_naming_it_and_the_close_match():
+    with pytest.raises(ValueError, match=r"'optimizer\.learnig_rate'.*'optimizer\.learning_rate'"):
+        build_config({"data": {"path": "x"}, "optimizer": {"learnig_rate": 1e-4}})
+    with pytest.raises(ValueError, match="Unknown config key 'trainer'"):
+        build_config({"data": {"path": "x"}, "trainer": {}})
+
+
+def test_wrong_types_and_values_are_named():
+    with pytest.raises(ValueError, match=r"'loop\.max_steps' must be int, got 'many'"):
+        build_config({"data": {"path": "x"}, "loop": {"max_steps": "many"}})
+    with pytest.raises(ValueError, match=r"adapter\.method must be one of \['lora', 'lokr', 'full'\], got 'dora'"):
+        build_config({"data": {"path": "x"}}, {"adapter.method": "dora"})
+    with pytest.raises(ValueError, match="data.path is required"):
+        build_config({})
+    with pytest.raises(ValueError, match="QLoRA"):
+        build_config({"data": {"path": "x"}}, {"adapter.method": "full", "model.base_precision": "nf4"})
+    with pytest.raises(ValueError, match=r"data\.buckets entry .* got \[30, 32\]"):
+        build_config({"data": {"path": "x", "buckets": [[30, 32]]}})
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: 12gb\nadapter:\n  rank: 8\ndata:\n  path: /data\n")
+    args = parse_args(["--config", str(path), "--set", "adapter.rank=4", "--set", "optimizer.learning_rate=2e-4"])
+    config = resolve(args)
+    assert config.model.base_precision == PRESETS["12gb"]["model.base_precision"]  # from the preset
+    assert config.adapter.rank == 4  # --set beats the file, which beat the preset
+    assert config.optimizer.learning_rate == pytest.approx(2e-4)
+
+
+def test_override_parsing():
+    assert parse_override("monitor.sample_size=[512, 768]") == ("monitor.sample_size", [512, 768])
+    assert parse_override("loop.ema_decay=0.999") == ("loop.ema_decay", 0.999)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("loop.max_steps")
+
+
+@pytest.mark.parametrize("name", ["12gb", "16gb", "24gb", "48gb"])
+def test_example_configs_load(name):
+    path = CONFIG_DIR / f"lora_{name}.yaml" if name != "48gb" else CONFIG_DIR / "full_48gb.yaml"
+    values = load_config_file(path)
+    config = build_config(values, {"data.path": "/data"})
+    assert config.preset == name
+
+
+def test_a_config_too_big_for_the_card_names_the_preset_that_fits():
+    from training.memory_estimate import estimate_peak_gb, fit_problem
+
+    real_size = 4_100_000_000
+    full = build_config({}, {"preset": "48gb", "data.path": "/data"})
+    lora_12 = build_config({}, {"preset": "12gb", "data.path": "/data"})
+    assert estimate_peak_gb(lora_12, real_size) < estimate_peak_gb(full, real_size)
+    message = fit_problem(full, real_size, total_gb=15.6)
+    assert message is not None and "GPU has 15.6 GiB" in message and "--preset" in message
+    assert fit_problem(lora_12, real_size, total_gb=80.0) is None
+    assert "no preset fits" in fit_problem(lora_12, real_size, total_gb=2.0)

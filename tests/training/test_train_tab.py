@@ -1,0 +1,111 @@
+"""The Train tab through its API (gradio_client against a real server in a subprocess): start a run, stop it,
+resume it, see it finish, and get the LoRA path from "Load in Generate tab" (no engine in this app)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import make_toy_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from gradio_client import Client
+
+    root = tmp_path_factory.mktemp("train-tab")
+    port = _free_port()
+    env = dict(
+        os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'training'}", GRADIO_ANALYTICS_ENABLED="False"
+    )
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "training" / "train_tab_server.py"), str(root), str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(server.stderr.read().decode()[-3000:])
+            time.sleep(0.3)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False), root
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _start_args(dataset, checkpoint, name: str, steps: int, extra: str = ""):
+    settings = "\n".join(
+        [
+            "model.base_precision=fp32",
+            "data.buckets=[[64, 64]]",
+            "monitor.sample_size=[64, 64]",
+            "monitor.sample_steps=2",
+            "monitor.sample_every=0",
+            "monitor.checkpoint_every=20",
+            "monitor.tensorboard=false",
+            "loop.gradient_checkpointing=false",
+            extra,
+        ]
+    )
+    return (str(dataset), str(checkpoint), "24gb", name, steps, 1e-3, 4, "sks", "", settings)
+
+
+def _wait_for(client, predicate, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(api_name="/train_status")
+        if predicate(status):
+            return status
+        time.sleep(0.5)
+    pytest.fail(f"timed out; last status {status[0]!r}")
+
+
+def test_bad_input_is_reported(client):
+    from gradio_client.exceptions import AppError
+
+    api, _root = client
+    with pytest.raises(AppError, match="Choose a dataset folder"):
+        api.predict("", "m", "24gb", "run", 10, 1e-4, 4, "", "", "", api_name="/train_start")
+    with pytest.raises(AppError, match="Run name"):
+        api.predict("/data", "m", "24gb", "../escape", 10, 1e-4, 4, "", "", "", api_name="/train_start")
+
+
+def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
+    api, root = client
+    dataset = make_toy_dataset(tmp_path / "data", copies=1)
+    api.predict(*_start_args(dataset, tiny_checkpoint, "tab-run", 2000), api_name="/train_start")
+    _wait_for(api, lambda s: "running, step" in s[0] and "loss" in s[0])
+    api.predict(api_name="/train_stop")
+    stopped = _wait_for(api, lambda s: ": stopped" in s[0])
+    assert (root / "tab-run" / "checkpoints").is_dir()
+    stopped_step = int(stopped[0].split("step ")[1].split(" /")[0])
+    assert 0 < stopped_step < 2000
+
+    (root / "tab-run" / "run.yaml").write_text(
+        (root / "tab-run" / "run.yaml").read_text().replace("max_steps: 2000", f"max_steps: {stopped_step + 5}")
+    )
+    api.predict("tab-run", api_name="/train_resume")
+    done = _wait_for(api, lambda s: ": done" in s[0])
+    assert done[3].endswith("tab-run.safetensors") and Path(done[3]).is_file()
+    assert done[2], "the samples gallery is empty"
+    message = api.predict(done[3], api_name="/train_load_lora")
+    assert done[3] in message and "no generation engine" in message
