@@ -11,6 +11,7 @@ from app.gallery_tab import build_gallery_tab
 from app.generate_tab import GPU_QUEUE, build_generate_tab, user_error
 from app.recaption_tab import build_recaption_tab
 from app.settings import AppSettings
+from app.train_tab import build_train_tab
 from lens_core.engine import TINY_MODEL, LensEngine
 from lens_core.loading import CheckpointError
 
@@ -57,7 +58,8 @@ def build_ui(engine: LensEngine, settings: AppSettings) -> gr.Blocks:
                 build_gallery_tab(engine, generate_tab, tabs, gallery_tab)
             with gr.Tab("Recaption", id="recaption"):
                 build_recaption_tab(settings.output_dir / "recaption")
-            # Lead (merge): with gr.Tab("Train", id="train"): build_train_tab(...)
+            with gr.Tab("Train", id="train"):
+                build_train_tab(settings.output_dir / "training", engine)
     return demo
 
 

@@ -191,10 +191,15 @@ def estimate_gpu_seconds(num_inference_steps: int, width: int, height: int, imag
 
 
 def list_loras(output_dir: Path) -> dict[str, Path]:
-    """LoRAs the app offers: `*.safetensors` under `<output_dir>/loras/` and `<output_dir>/training/*/`, by name
-    relative to the output folder (the name is what requests carry, so an API caller cannot point at other files)."""
+    """LoRAs the app offers, by name relative to the output folder (the name is what requests carry, so an API caller
+    cannot point at other files): any `*.safetensors` under `<output_dir>/loras/` (ours, ComfyUI or kohya files), and
+    the finished LoRAs of training runs under `<output_dir>/training/` (diffusers keys; their exports are the same
+    weights)."""
+    from .lora import list_loras as list_lora_files
+
     root = Path(output_dir)
-    found = sorted(root.glob("loras/**/*.safetensors")) + sorted(root.glob("training/*/*.safetensors"))
+    found = sorted(root.glob("loras/**/*.safetensors"))
+    found += sorted(info.path for info in list_lora_files(root / "training", key_format="diffusers"))
     return {path.relative_to(root).as_posix(): path for path in found}
 
 
@@ -393,10 +398,12 @@ class LensEngine:
         """Activate exactly these LoRAs: (name from `list_loras`, weight). An empty list removes all."""
         with self.lock:
             pipe = self._require_pipe()
-            wanted = [(name, float(weight)) for name, weight in loras]
+            available = list_loras(self.config.output_dir)
+            # A path to one of the offered files (e.g. from the Train tab) is accepted as its name.
+            by_path = {path.resolve(): name for name, path in available.items()}
+            wanted = [(by_path.get(Path(name).resolve(), name), float(weight)) for name, weight in loras]
             if wanted == self.loras:
                 return
-            available = list_loras(self.config.output_dir)
             unknown = [name for name, _ in wanted if name not in available]
             if unknown:
                 raise ValueError(f"Unknown LoRA {unknown[0]!r}; available: {sorted(available) or 'none'}.")

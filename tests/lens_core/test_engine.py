@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lens_core.engine import (
@@ -20,6 +21,7 @@ from lens_core.engine import (
     list_loras,
     safe_image_path,
 )
+from lens_core.lora import LensLora, save_lora
 from lens_core.metadata import read_settings
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -161,26 +163,43 @@ def test_variant_switch_on_a_folder_changes_presets_only(engine):
     assert engine.variant.name == "Lens-Turbo"
 
 
+def _random_lora(transformer, seed: int = 1) -> LensLora:
+    """A rank-4 LoRA on two attention projections of the tiny denoiser, strong enough to change the image."""
+    modules = ["transformer_blocks.0.attn.img_qkv", "transformer_blocks.1.attn.to_out.0"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in modules:
+        linear = transformer.get_submodule(name)
+        tensors[name] = {
+            "lora_A.weight": torch.randn(4, linear.in_features, generator=generator) * 0.5,
+            "lora_B.weight": torch.randn(linear.out_features, 4, generator=generator) * 0.5,
+        }
+    return LensLora("ink", tensors, dict.fromkeys(modules, 4), dict.fromkeys(modules, 4.0), {"lens.base_model": "tiny"})
+
+
 def test_loras_are_listed_by_name_and_unknown_names_rejected(engine, tmp_path):
-    (tmp_path / "loras" / "style").mkdir(parents=True)
-    (tmp_path / "loras" / "style" / "ink.safetensors").write_bytes(b"")
-    (tmp_path / "training" / "run1").mkdir(parents=True)
-    (tmp_path / "training" / "run1" / "lora.safetensors").write_bytes(b"")
+    lora = _random_lora(engine.pipe.transformer)
+    save_lora(lora, tmp_path / "loras" / "style" / "ink.safetensors", "comfyui")  # a drop-in file, any format
+    save_lora(lora, tmp_path / "training" / "run1" / "lora" / "run1.safetensors")  # what training writes
+    save_lora(lora, tmp_path / "training" / "run1" / "lora" / "kohya" / "run1_kohya.safetensors", "kohya")  # an export
     (tmp_path / "training" / "run1" / "notes.txt").write_text("x")
-    assert sorted(list_loras(tmp_path)) == ["loras/style/ink.safetensors", "training/run1/lora.safetensors"]
+    assert sorted(list_loras(tmp_path)) == ["loras/style/ink.safetensors", "training/run1/lora/run1.safetensors"]
     with pytest.raises(ValueError, match="Unknown LoRA '../secret.safetensors'"):
         engine.set_loras([("../secret.safetensors", 1.0)])
 
 
-def test_loras_need_pipeline_support(engine):
-    lora_dir = engine.config.output_dir / "loras"
-    lora_dir.mkdir(exist_ok=True)
-    (lora_dir / "ink.safetensors").write_bytes(b"")
-    if hasattr(engine.pipe, "load_lora_weights"):
-        pytest.skip("this LensPipeline has LoRA support; its own tests cover loading")
-    with pytest.raises(ValueError, match="LoRA support not installed"):
-        engine.generate(GenerationRequest(prompt="a fox", loras=[("loras/ink.safetensors", 0.8)], **SMALL))
-    engine.set_loras([])  # an empty set is always fine
+def test_a_lora_changes_the_image_and_removing_it_restores_the_base(engine):
+    save_lora(_random_lora(engine.pipe.transformer), engine.config.output_dir / "loras" / "ink.safetensors")
+    request = {"prompt": "a fox", "seed": 3, **SMALL}
+    base = np.asarray(Image.open(engine.generate(GenerationRequest(**request)).paths[0]), dtype=int)
+    styled = engine.generate(GenerationRequest(**request, loras=[("loras/ink.safetensors", 1.0)]))
+    assert styled.settings[0].loras == [{"name": "loras/ink.safetensors", "weight": 1.0}]
+    assert np.abs(np.asarray(Image.open(styled.paths[0]), dtype=int) - base).max() > 10
+    # The Train tab hands over a path; it is accepted when it is one of the offered files.
+    engine.set_loras([(str(engine.config.output_dir / "loras" / "ink.safetensors"), 0.5)])
+    assert engine.loras == [("loras/ink.safetensors", 0.5)]
+    again = engine.generate(GenerationRequest(**request))  # no LoRAs in the request: the base model again
+    assert np.abs(np.asarray(Image.open(again.paths[0]), dtype=int) - base).max() <= 1
 
 
 def test_a_missing_model_leaves_the_engine_serving_with_an_explanation(tmp_path):
