@@ -32,11 +32,13 @@ from .memory import (
     free_device_memory,
     run_with_oom_guard,
 )
+from .presets import VARIANTS
+from .text_encoder import GPT_OSS_ROPE_PARAMETERS
 
 logger = logging.getLogger(__name__)
 
 BENCH_PROMPT = "A red fox sitting in tall green grass at sunset, warm light, detailed fur texture."
-VARIANT_SETTINGS = {"Lens": (20, 5.0), "Lens-Turbo": (4, 1.0)}  # steps, guidance (LENS_SPEC section 1)
+BENCH_VARIANTS = ("Lens", "Lens-Turbo")  # their steps and guidance come from lens_core.presets.VARIANTS
 REAL_SIZES = (1024, 1440)
 TINY_SIZES = (64,)
 REAL_ENCODER_CONFIG = {
@@ -51,15 +53,7 @@ REAL_ENCODER_CONFIG = {
     "num_key_value_heads": 8,
     "sliding_window": 128,
     "max_position_embeddings": 131072,
-    "rope_parameters": {
-        "rope_type": "yarn",
-        "rope_theta": 150000.0,
-        "factor": 32.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "original_max_position_embeddings": 4096,
-        "truncate": False,
-    },
+    "rope_parameters": GPT_OSS_ROPE_PARAMETERS,
 }
 
 
@@ -230,7 +224,7 @@ def measure(
     """Encode once (timed), warm up, then time denoising alone (latents) and whole images (decode included)."""
     from .text_cache import TextFeatureCache
 
-    steps, guidance = VARIANT_SETTINGS[variant]
+    steps, guidance = VARIANTS[variant].num_inference_steps, VARIANTS[variant].guidance_scale
     row = BenchRow(mode, variant, size, steps)
     pipe.text_feature_cache = TextFeatureCache()
     if device.type == "cuda":
@@ -294,7 +288,7 @@ def _run_modes(components, modes, variants, sizes, device, repeats, compile_bloc
             pipe = apply_memory_mode(LensPipeline(**copy.deepcopy(components)), mode, device)
         except ValueError as error:  # the mode cannot run here: say why, keep going
             rows += [
-                BenchRow(mode, v, s, VARIANT_SETTINGS[v][0], status=f"skipped: {error}")
+                BenchRow(mode, v, s, VARIANTS[v].num_inference_steps, status=f"skipped: {error}")
                 for v in variants
                 for s in sizes
             ]
@@ -308,7 +302,7 @@ def _run_modes(components, modes, variants, sizes, device, repeats, compile_bloc
                     ram.reset()
                     row = measure(pipe, mode, variant, size, device, repeats, ram, ram_baseline_gb)
                 except LensOutOfMemoryError as error:
-                    row = BenchRow(mode, variant, size, VARIANT_SETTINGS[variant][0], status=f"OOM: {error}")
+                    row = BenchRow(mode, variant, size, VARIANTS[variant].num_inference_steps, status=f"OOM: {error}")
                 latents = row.extra.pop("latents", None)
                 if latents is not None:
                     key = (variant, size)
@@ -432,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = args.size if args.size != "auto" else ("real" if device.type == "cuda" else "tiny")
     modes = list(MEMORY_MODES) if args.modes == "all" else _split(args.modes, MEMORY_MODES, "modes")
-    variants = _split(args.variants, VARIANT_SETTINGS, "variants")
+    variants = _split(args.variants, BENCH_VARIANTS, "variants")
     default_sizes = REAL_SIZES if size == "real" else TINY_SIZES
     resolutions = default_sizes if args.resolutions is None else [int(v) for v in args.resolutions.split(",")]
     if any(value % 16 or value < 16 for value in resolutions) or args.repeats < 1:

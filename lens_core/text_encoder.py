@@ -29,6 +29,16 @@ logger = logging.getLogger(__name__)
 
 # FP4 E2M1 code -> value; codes 8..15 are the negated 0..7.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# GPT-OSS-20B's YaRN RoPE (theta 150000, factor 32), as its config states it.
+GPT_OSS_ROPE_PARAMETERS = {
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": False,
+}
 MXFP4_BLOCK = 32  # elements per shared scale byte
 FP32_MODULE_NAMES = ("input_layernorm", "post_attention_layernorm", "norm")  # kept in float32, as transformers does
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .prompt import SUFFIX, render_prefix
+from .text_encoder import GPT_OSS_ROPE_PARAMETERS
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +155,7 @@ def build_tiny_text_encoder(folder: Path, vocab_size: int, pad_token_id: int, ge
         num_key_value_heads=2,
         sliding_window=32,  # shorter than the tiny preamble, so the sliding layers really slide
         max_position_embeddings=131072,
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 150000.0,
-            "factor": 32.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "original_max_position_embeddings": 4096,
-            "truncate": False,
-        },
+        rope_parameters=dict(GPT_OSS_ROPE_PARAMETERS),
         pad_token_id=pad_token_id,
         eos_token_id=pad_token_id,
     )

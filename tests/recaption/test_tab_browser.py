@@ -61,6 +61,10 @@ def tab_url(tmp_path):
     log.close()
 
 
+def tab_url_log(tmp_path: Path) -> Path:
+    return tmp_path / "serve.log"
+
+
 def test_tab_preview_run_review_edit_save(tmp_path, tab_url):
     data = tmp_path / "data"
     write_images(data, 5)
@@ -76,7 +80,11 @@ def test_tab_preview_run_review_edit_save(tmp_path, tab_url):
         page.get_by_label("Server URL (openai)").press("Tab")
 
         page.get_by_role("button", name="Preview on 4 images").click()
-        page.get_by_text("img003: Scene", exact=False).first.wait_for(timeout=60_000)
+        try:
+            page.get_by_text("img003: Scene", exact=False).first.wait_for(timeout=60_000)
+        except Exception as error:  # say what the page and the server showed, not just "timeout"
+            log = Path(tab_url_log(tmp_path)).read_text(errors="replace")[-3000:]
+            pytest.fail(f"no preview after 60 s ({error}).\nPage:\n{page.inner_text('body')[-3000:]}\nServer log:\n{log}")
         assert not list(data.glob("*.txt")), "the preview must not write into the dataset"
         assert page.get_by_text("img000: Scene", exact=False).count() >= 1
         assert page.get_by_text("img004:", exact=False).count() == 0  # 4 images, not 5
