@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_ORDER, parse_override
 from training.job import JobStatus, TrainingJob
 
@@ -96,7 +97,10 @@ def build_train_tab(output_root: Path, engine=None) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
-            model = gr.Textbox(label="Base model", value="microsoft/Lens-Base")
+            # Lens-Base is the natural base; an app running the offline demo model trains that one by default.
+            demo = engine is not None and getattr(engine, "model_label", None) == TINY_MODEL
+            base = TINY_MODEL if demo else VARIANTS["Lens-Base"].repo_ids[0]
+            model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
             preset = gr.Dropdown(list(PRESET_ORDER), value="16gb", label="Card preset")
             run_name = gr.Textbox(label="Run name", value="my-lora")
             with gr.Row():

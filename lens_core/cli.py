@@ -68,11 +68,11 @@ def resolve_dtype(name: str, device: str):
 
 
 def load_from_args(args: argparse.Namespace):
-    """Build the pipeline the arguments describe, on its device. Returns (pipe, model label, device)."""
+    """Build the pipeline the arguments describe, in its memory mode. Returns (pipe, model label, device)."""
     import torch
 
+    from .memory import apply_memory_mode
     from .pipeline_lens import LensPipeline
-    from .tiny import ensure_tiny_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variant = args.variant
@@ -80,17 +80,14 @@ def load_from_args(args: argparse.Namespace):
     if model is None:
         variant = variant or "Lens-Turbo"
         model = VARIANTS[variant].repo_ids[0]
-    source = ensure_tiny_checkpoint() if model == "tiny" else model
     pipe = LensPipeline.from_pretrained(
-        source,
+        model,  # a Hub id, a folder, or "tiny"
         torch_dtype=resolve_dtype(args.dtype, device),
         transformer_file=args.transformer_file,
         local_files_only=args.local_files_only,
-        variant_name=variant or ("Lens-Turbo" if model == "tiny" else None),
+        variant_name=variant,
         prompt_date=args.date,
     )
-    from .memory import apply_memory_mode
-
     return apply_memory_mode(pipe, args.memory_mode, device, transformer_precision=args.precision), model, device
 
 

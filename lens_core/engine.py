@@ -23,7 +23,7 @@ import torch
 
 from .memory import run_with_oom_guard
 from .metadata import ImageSettings, save_png
-from .presets import PIXELS_PER_TOKEN, VARIANTS, VariantPreset, get_variant
+from .presets import PIXELS_PER_TOKEN, TINY_MODEL, VARIANTS, VariantPreset, get_variant
 from .text_cache import TextFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ MAX_BATCH_SIZE = 8
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 IMAGES_SUBDIR = "images"
-TINY_MODEL = "tiny"
 
 
 class GenerationCancelled(Exception):

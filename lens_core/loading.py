@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import VARIANTS, VariantPreset, get_variant, variant_for_repo_id
+from .presets import TINY_MODEL, VARIANTS, VariantPreset, get_variant, variant_for_repo_id
 from .safetensors_io import iter_checkpoint_tensors
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,12 @@ def _download(repo_id: str, local_files_only: bool) -> Path:
 
 
 def resolve_checkpoint(source: str | Path, local_files_only: bool = False) -> tuple[Path, VariantPreset | None]:
-    """A local folder, or a Hub repo id tried with its mirrors in order. Returns (folder, variant if known)."""
+    """A local folder, a Hub repo id tried with its mirrors in order, or `tiny` (the tiny random checkpoint, built
+    once in the cache). Returns (folder, variant if known)."""
+    if str(source) == TINY_MODEL:
+        from .tiny import ensure_tiny_checkpoint
+
+        return ensure_tiny_checkpoint(), VARIANTS["Lens-Turbo"]
     path = Path(source).expanduser()
     if path.is_dir():
         return path, None

@@ -14,6 +14,9 @@ DEFAULT_PROMPT_DATE = "2026-05-23"
 # Upstream truncates the whole rendered text (preamble included) to this many tokens.
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
+# The model name that means "build (once) and use the tiny random checkpoint" (offline demos and tests).
+TINY_MODEL = "tiny"
+
 # Pixels per image token: VAE downsampling 8 x transformer patch 2.
 PIXELS_PER_TOKEN = 16
 

@@ -109,3 +109,11 @@ def test_missing_component_and_corrupt_weights(tmp_path, tiny_checkpoint):
 def test_neither_folder_nor_repo_id(tmp_path):
     with pytest.raises(CheckpointError, match="neither an existing folder nor a Hub repo id"):
         LensPipeline.from_pretrained(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_tiny_is_a_model_name_everywhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path / "cache"))
+    pipe = LensPipeline.from_pretrained("tiny")
+    assert pipe.variant_preset.name == "Lens-Turbo"
+    assert pipe.checkpoint_folder.parent == tmp_path / "cache"
+    assert LensPipeline.from_pretrained("tiny").checkpoint_folder == pipe.checkpoint_folder  # built once
