@@ -172,6 +172,8 @@ class LensGptOssEncoder(nn.Module):
         expected = set(encoder.state_dict())
         loaded = {}
         for name, tensor in iter_checkpoint_tensors(folder):
+            if not name.startswith(("model.", "lm_head.")):
+                name = "model." + name  # saved from a bare GptOssModel, without the causal-LM wrapper
             if name.startswith("model.layers."):
                 if int(name.split(".")[2]) > keep:
                     continue

@@ -128,3 +128,21 @@ def test_num_images_per_prompt_repeats_each_prompt_in_place(tiny_pipe):
     torch.testing.assert_close(embeds[1][0], embeds[1][1])
     torch.testing.assert_close(embeds[1][2], embeds[1][3])
     assert not torch.equal(embeds[1][1], embeds[1][2])
+
+
+def test_a_bare_gpt_oss_model_checkpoint_loads_too(tmp_path, tiny_checkpoint, checkpoint_tensors):
+    """Names without the causal-LM `model.` prefix (a GptOssModel saved on its own) give the same encoder."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    shutil.copy(tiny_checkpoint / "text_encoder" / "config.json", folder / "config.json")
+    bare = {name.removeprefix("model."): t for name, t in checkpoint_tensors.items() if not name.startswith("lm_head")}
+    save_file(bare, str(folder / "model.safetensors"))
+    ours = LensGptOssEncoder.from_pretrained(folder, TINY_SELECTED_LAYERS, torch.float32)
+    reference = LensGptOssEncoder.from_pretrained(tiny_checkpoint / "text_encoder", TINY_SELECTED_LAYERS, torch.float32)
+    ids = torch.arange(20)[None]
+    for a, b in zip(ours(ids), reference(ids)):
+        torch.testing.assert_close(a, b)
