@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic_io import atomic_write_text
 from .memory import (
     MEMORY_MODES,
     LensOutOfMemoryError,
@@ -375,13 +376,6 @@ def device_label(device: torch.device, vram_cap_gb: float | None) -> str:
     return f"CPU, {os.cpu_count()} cores (torch {torch.__version__})"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lens_core.bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -450,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)  # noqa: T201 (the command's output)
     if args.out:
         out = Path(args.out)
-        write_atomically(out, table)
-        write_atomically(out.with_suffix(".json"), json.dumps([asdict(row) for row in rows], indent=2))
+        atomic_write_text(out, table)
+        atomic_write_text(out.with_suffix(".json"), json.dumps([asdict(row) for row in rows], indent=2))
     return 0
 
 

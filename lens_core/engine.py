@@ -321,17 +321,10 @@ class LensEngine:
     def _load_pipeline(self, model: str, variant: str | None):
         from .memory import apply_memory_mode
         from .pipeline_lens import LensPipeline
-        from .presets import variant_for_repo_id
-        from .tiny import ensure_tiny_checkpoint
 
         dtype = self.config.torch_dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
-        if model == TINY_MODEL:
-            source, variant = ensure_tiny_checkpoint(), variant or "Lens-Turbo"
-        else:
-            source = model
-            known = variant_for_repo_id(model)
-            variant = variant or (known.name if known else None)
-        pipe = self._from_pretrained(LensPipeline, source, dtype, variant)
+        # The loader resolves "tiny", Hub ids with their mirrors, and the variant a known repo id implies.
+        pipe = self._from_pretrained(LensPipeline, model, dtype, variant)
         pipe.lens_model_label = model
         pipe.text_feature_cache = self.text_feature_cache
         return apply_memory_mode(pipe, self.config.memory_mode, device=self.device)

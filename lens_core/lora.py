@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic_io import atomic_build
 
 logger = logging.getLogger(__name__)
 
@@ -181,15 +181,8 @@ def _file_metadata(lora: LensLora, file_format: str) -> dict[str, str]:
 
 def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file to a temp file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+    atomic_build(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def save_lora(lora: LensLora, path: str | Path, file_format: str = "diffusers") -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .atomic_io import atomic_build
+
 JSON_CHUNK = "lens"
 A1111_CHUNK = "parameters"
 SAMPLER_NAME = "Euler (flow matching)"
@@ -87,11 +89,8 @@ def png_info(settings: ImageSettings) -> PngImagePlugin.PngInfo:
 
 def save_png(image: Image.Image, path: str | Path, settings: ImageSettings) -> Path:
     """Write `image` with its settings atomically (temp file + rename), so a crash never leaves half a PNG."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial")
-    image.save(temporary, format="PNG", pnginfo=png_info(settings))
-    temporary.replace(path)
-    return path
+    info = png_info(settings)
+    return atomic_build(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
 _A1111_PAIR = re.compile(r'\s*([\w \-/]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')

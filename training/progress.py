@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
+
+from lens_core.atomic_io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.jsonl"
@@ -35,9 +36,7 @@ class ProgressLog:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
-        temp = self.path.with_suffix(".tmp")
-        temp.write_text("".join(line + "\n" for line in kept))
-        os.replace(temp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def event(self, kind: str, **fields) -> None:
         record = {"event": kind, "time": round(time.time(), 3), **fields}

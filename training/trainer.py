@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from lens_core.atomic_io import atomic_build
 from lens_core.lora import lora_from_peft_state_dict, save_lora
 from lens_core.presets import PIXELS_PER_TOKEN, compute_mu
 
@@ -329,9 +330,7 @@ class LensTrainer:
                     generator=torch.Generator().manual_seed(seed),
                 ).images[0]
                 path = folder / f"step-{self.step:06d}-prompt{p_index}-seed{seed}.png"
-                temp = path.with_name(f".{path.name}.tmp")
-                image.save(temp, format="PNG")
-                temp.replace(path)
+                atomic_build(path, lambda temporary, image=image: image.save(temporary, format="PNG"))
                 paths.append(str(path))
         self.model.train()
         return paths

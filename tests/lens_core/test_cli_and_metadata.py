@@ -104,7 +104,7 @@ def test_settings_round_trip_and_a1111_import(tmp_path):
     )
     path = save_png(Image.new("RGB", (16, 16)), tmp_path / "a.png", settings)
     assert read_settings(path) == settings
-    assert not list(tmp_path.glob(".*partial"))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temp file left beside it
     a1111 = "masterpiece, a castle\nat dusk\nNegative prompt: lowres\nSteps: 30, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1234, Size: 512x768, Model: sd15"
     parsed = parse_a1111(a1111)
     assert parsed == {

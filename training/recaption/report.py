@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .writers import atomic_write_bytes, atomic_write_text
+from lens_core.atomic_io import atomic_write_bytes, atomic_write_text
 
 
 def _spread(values: list[int]) -> dict[str, float]:

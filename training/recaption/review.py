@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lens_core.atomic_io import atomic_write_text
+
 from .config import LENS_TEXT_TOKEN_LIMIT
 from .progress import ProgressLog, latest_items, progress_path
 from .quality import TokenCounter, assess
-from .writers import atomic_write_text, sidecar_path
+from .writers import sidecar_path
 
 
 def captioned_records(output_dir: Path, *, flagged_only: bool = False) -> list[dict[str, Any]]:

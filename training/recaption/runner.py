@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lens_core.atomic_io import atomic_write_text
+
 from .backends import BackendUnavailableError, CaptionBackend, CaptionJob, CaptionOutcome, build_backend
 from .config import LENS_TEXT_TOKEN_LIMIT, RecaptionConfig
 from .datasets import SourceItem, check_inputs, iter_inputs
@@ -21,7 +23,7 @@ from .progress import ProgressLog, latest_items, progress_path
 from .quality import TokenCounter, assess, default_counter
 from .report import build_report, write_report
 from .templates import PromptTemplate
-from .writers import atomic_write_text, sidecar_path, write_metadata_jsonl, write_parquet, write_webdataset
+from .writers import sidecar_path, write_metadata_jsonl, write_parquet, write_webdataset
 
 logger = logging.getLogger(__name__)
 

@@ -10,49 +10,17 @@ import io
 import json
 import os
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
+from lens_core.atomic_io import atomic_build, atomic_write_text
+
 from .datasets import SourceItem
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of ``atomic_write_bytes``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sidecar_path(output_dir: Path, key: str, extension: str) -> Path:
     """Where the caption of ``key`` goes: ``<output_dir>/<key><extension>`` (next to the image when in place)."""
     return output_dir / f"{key}{extension}"
-
-
-def _atomic_build(path: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build(temp_path)`` then rename the finished file over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        build(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _file_name(item: SourceItem, output_dir: Path) -> str:
@@ -97,7 +65,7 @@ def write_webdataset(path: Path, rows: Iterable[tuple[SourceItem, dict]]) -> Non
                 }
                 add(archive, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
-    _atomic_build(path, build)
+    atomic_build(path, build)
 
 
 def write_parquet(path: Path, rows: Iterable[tuple[SourceItem, dict]]) -> None:
@@ -111,4 +79,4 @@ def write_parquet(path: Path, rows: Iterable[tuple[SourceItem, dict]]) -> None:
         columns["image"].append({"bytes": item.read_bytes(), "path": item.file_name})
         columns["text"].append(record["caption"])
         columns["original_text"].append(item.original_caption)
-    _atomic_build(path, lambda temporary: pq.write_table(pa.table(columns), temporary))
+    atomic_build(path, lambda temporary: pq.write_table(pa.table(columns), temporary))
