@@ -187,13 +187,6 @@ def total_ram_gb() -> float:
     return psutil.virtual_memory().total / 2**30
 
 
-def available_ram_gb() -> float:
-    """System RAM available to new allocations, in GB."""
-    import psutil
-
-    return psutil.virtual_memory().available / 2**30
-
-
 def pick_memory_mode(vram_gb: float, ram_gb: float) -> str:
     """The largest mode in SIZE_ORDER whose GPU need fits `vram_gb` and whose CPU-memory need fits `ram_gb`."""
     for name in SIZE_ORDER:

@@ -117,8 +117,3 @@ def tokenize_prompts(
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, : len(row)] = 1
     return TokenizedPrompts(input_ids, attention_mask, len(prefix_ids), truncated)
-
-
-def count_prompt_tokens(tokenizer, prompt: str) -> int:
-    """How many tokens of `prompt` would reach the denoiser (before the suffix), ignoring truncation."""
-    return len(_encode(tokenizer, clean_prompt(prompt)))
