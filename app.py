@@ -6,6 +6,7 @@ explain a missing model), build the UI, launch.
 
 import logging
 
+from app.access import Hosting
 from app.settings import parse_args
 from app.ui import build_ui, launch_options
 from lens_core.engine import EngineConfig, LensEngine
@@ -22,8 +23,9 @@ def main() -> None:
     )
     engine = LensEngine(config)  # owns the pipeline, the GPU lock and the text-feature cache
     engine.load_in_background()
-    demo = build_ui(engine, settings)
-    demo.queue(max_size=settings.queue_size).launch(**launch_options(settings))
+    hosting = Hosting.from_settings(settings)  # personal or shared: whose workspace, who may change the model
+    demo = build_ui(engine, settings, hosting)
+    demo.queue(max_size=settings.queue_size).launch(**launch_options(settings, hosting))
 
 
 if __name__ == "__main__":

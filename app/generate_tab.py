@@ -2,23 +2,27 @@
 progress with latent previews, cancel, and restoring settings from a dropped PNG.
 
 Handlers receive widget values by component (Gradio's dict inputs), build a typed `GenerationRequest`, and call the
-engine; they never touch the pipeline. GPU events share one `concurrency_id` with a limit of 1.
+engine; they never touch the pipeline. GPU events share one `concurrency_id` with a limit of 1. Images go into the
+caller's workspace (`Hosting.workspace`); on a shared server only admins may change the model for everyone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
+from app.access import Hosting
 from app.session import SessionState, gpu_task
 from app.settings import AppSettings
+from app.uploads import discard_temporary_upload
 from lens_core.engine import (
     MAX_BATCH_COUNT,
     MAX_BATCH_SIZE,
@@ -79,16 +83,58 @@ def as_int(name: str, value, allow_none: bool = False) -> int | None:
     return int(value)
 
 
-def stream_generation(engine: LensEngine, request: GenerationRequest, cancel: threading.Event) -> Iterator:
+def as_number(name: str, value, allow_none: bool = False) -> float | None:
+    """A finite number from a widget or API value; anything else (text, true/false, NaN) is an error."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    return float(value)
+
+
+def as_text(name: str, value, allow_none: bool = True) -> str:
+    """Text from an API value (None is empty text); anything else is an error, not stringified."""
+    if value is None and allow_none:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {value!r}.")
+    return value
+
+
+@dataclass
+class JobPlace:
+    """Where one job runs for whom: the caller's workspace, whether they may reload the model, and how to tell that
+    their client went away (checked at every step)."""
+
+    workspace: Path | None = None
+    allow_model_reload: bool = True
+    still_wanted: Callable[[], bool] = lambda: True
+
+    def engine_options(self) -> dict:
+        return {"workspace": self.workspace, "allow_model_reload": self.allow_model_reload}
+
+
+def stream_generation(
+    engine: LensEngine, request: GenerationRequest, cancel: threading.Event, place: JobPlace | None = None
+) -> Iterator:
     """Run `engine.generate` in a worker thread; yield each `ProgressEvent`, then the `GenerationResult`.
 
-    If the consumer stops early (the browser closed), the job is cancelled at its next step."""
+    If the consumer stops early, or `place.still_wanted()` turns False (the browser closed), the job is cancelled at
+    its next step."""
+    place = place or JobPlace()
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
 
+    def on_progress(event: ProgressEvent) -> None:
+        events.put(event)
+        if not place.still_wanted():
+            cancel.set()
+
     def work() -> None:
         try:
-            outcome["result"] = engine.generate(request, on_progress=events.put, cancel_event=cancel)
+            outcome["result"] = engine.generate(
+                request, on_progress=on_progress, cancel_event=cancel, **place.engine_options()
+            )
         except BaseException as error:  # noqa: BLE001 (handed to the consumer thread below)
             outcome["error"] = error
         finally:
@@ -145,6 +191,7 @@ class GenerateTab:
     rewritten: gr.Textbox
     use_rewritten: gr.Checkbox
     restore_file: gr.File
+    restore_message: gr.Markdown
     preview: gr.Image
     gallery: gr.Gallery
     status: gr.Markdown
@@ -171,7 +218,9 @@ class GenerateTab:
         ]
 
     def restore_updates(self, settings: ImageSettings, source: str) -> dict:
-        """Widget values that reproduce `settings` (the prompt that was encoded, not the pre-rewrite one)."""
+        """Widget values that reproduce `settings` (the prompt that was encoded, not the pre-rewrite one). The values
+        are checked first by `/generate`'s rules, so a file with impossible settings raises ValueError instead."""
+        GenerationRequest.from_image_settings(settings)
         preset = get_variant(settings.variant) if settings.variant else VARIANTS["Lens"]
         return {
             self.prompt: settings.prompt,
@@ -209,7 +258,7 @@ class GenerateTab:
             width=as_int("width", values[self.width]),
             height=as_int("height", values[self.height]),
             num_inference_steps=as_int("steps", values[self.steps]),
-            guidance_scale=float(values[self.guidance]),
+            guidance_scale=as_number("guidance", values[self.guidance]),
             seed=None if random_seed else as_int("seed", values[self.seed]),
             batch_count=as_int("batch count", values[self.batch_count]),
             batch_size=as_int("batch size", values[self.batch_size]),
@@ -229,11 +278,29 @@ def _memory_choices() -> list[tuple[str, str]]:
     return [("auto: the largest mode that fits the free GPU memory", "auto"), *modes]
 
 
-def _lora_choices(engine: LensEngine) -> list[str]:
-    return [NO_LORA, *list_loras(engine.config.output_dir)]
+def _lora_choices(engine: LensEngine, workspace: Path | None = None) -> list[str]:
+    return [NO_LORA, *list_loras(engine.config.output_dir, workspace)]
 
 
-def _build_prompt_inputs(settings: AppSettings, preset) -> dict:
+def _rewriter_choices(hosting: Hosting) -> list[tuple[str, str]]:
+    labels = {
+        "openai": "Endpoint: {model} at {base_url} (key from ${key})",
+        "local": "Local GPT-OSS from the checkpoint (needs the memory of the full 20B encoder, about 13 GB more)",
+    }
+    choices = []
+    for name, backend in hosting.backends.rewriter.items():
+        if backend.kind == "local":
+            label = labels["local"] if name == "local" else f"{name}: {labels['local']}"
+        else:
+            label = labels["openai"].format(
+                model=backend.model, base_url=backend.base_url, key=backend.api_key_env or "none"
+            )
+            label = label if name == "openai" else f"{name}: {label}"
+        choices.append((label, name))
+    return choices
+
+
+def _build_prompt_inputs(hosting: Hosting, preset) -> dict:
     parts = {}
     parts["prompt"] = gr.Textbox(
         label="Prompt", lines=3, placeholder="A short idea or a dense description...", elem_id="prompt"
@@ -245,20 +312,9 @@ def _build_prompt_inputs(settings: AppSettings, preset) -> dict:
         parts["generate_btn"] = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
         parts["cancel_btn"] = gr.Button("Cancel my job", variant="stop", elem_id="cancel-btn", scale=1)
     with gr.Accordion("Prompt rewriter: see the expanded prompt before spending GPU time", open=False):
-        rewriter = settings.rewriter
+        choices = _rewriter_choices(hosting)
         parts["rewriter_backend"] = gr.Radio(
-            [
-                (
-                    f"Endpoint: {rewriter.model} at {rewriter.base_url} (key from ${rewriter.api_key_env or 'none'})",
-                    "openai",
-                ),
-                (
-                    "Local GPT-OSS from the checkpoint (needs the memory of the full 20B encoder, about 13 GB more)",
-                    "local",
-                ),
-            ],
-            value="openai",
-            label="Backend",
+            choices, value=choices[0][1] if choices else None, label="Backend", elem_id="rewriter-backend"
         )
         parts["rewrite_btn"] = gr.Button("Rewrite prompt", elem_id="rewrite-btn")
         parts["rewritten"] = gr.Textbox(label="Rewritten prompt (edit freely)", lines=4, elem_id="rewritten")
@@ -298,14 +354,26 @@ def _build_sampling_inputs(engine: LensEngine, preset) -> dict:
     return parts
 
 
-def _build_model_inputs(engine: LensEngine) -> dict:
+def _build_model_inputs(engine: LensEngine, hosting: Hosting) -> dict:
     parts = {"lora_names": [], "lora_weights": []}
     with gr.Accordion("Memory mode and LoRAs", open=False):
-        parts["memory_mode"] = gr.Dropdown(_memory_choices(), value=engine.config.memory_mode, label="Memory mode")
-        gr.Markdown("LoRAs: `*.safetensors` in `<output-dir>/loras/` and finished training runs.")
+        admin_note = " (admins only on this shared server: it reloads the model for everyone)" if hosting.shared else ""
+        parts["memory_mode"] = gr.Dropdown(
+            _memory_choices(), value=engine.config.memory_mode, label=f"Memory mode{admin_note}"
+        )
+        where = (
+            "the server's `loras/` folder and your finished training runs"
+            if hosting.shared
+            else ("`*.safetensors` in `<output-dir>/loras/` and finished training runs")
+        )
+        gr.Markdown(f"LoRAs: {where}.")
+        # Shared: only the server's LoRAs until the visitor refreshes the list (their runs are theirs alone).
+        choices = _lora_choices(engine)
+        if hosting.shared:
+            choices = [name for name in choices if not name.startswith("training/")]
         for slot in range(LORA_SLOTS):
             with gr.Row():
-                parts["lora_names"].append(gr.Dropdown(_lora_choices(engine), value=NO_LORA, label=f"LoRA {slot + 1}"))
+                parts["lora_names"].append(gr.Dropdown(choices, value=NO_LORA, label=f"LoRA {slot + 1}"))
                 parts["lora_weights"].append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight"))
         parts["refresh_loras"] = gr.Button("Refresh LoRA list", size="sm")
     parts["restore_file"] = gr.File(
@@ -314,6 +382,7 @@ def _build_model_inputs(engine: LensEngine) -> dict:
         type="filepath",
         elem_id="restore-file",
     )
+    parts["restore_message"] = gr.Markdown(elem_id="restore-message")
     return parts
 
 
@@ -335,14 +404,15 @@ def _build_outputs() -> dict:
     return parts
 
 
-def build_generate_tab(engine: LensEngine, settings: AppSettings) -> GenerateTab:
+def build_generate_tab(engine: LensEngine, settings: AppSettings, hosting: Hosting | None = None) -> GenerateTab:
     """Lay out the Generate tab, wire its events and its API endpoints; return its components."""
+    hosting = hosting or Hosting.personal(Path(settings.output_dir), settings)
     preset = engine.variant if engine.ready else VARIANTS["Lens-Turbo"]
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
-            parts = _build_prompt_inputs(settings, preset)
+            parts = _build_prompt_inputs(hosting, preset)
             parts.update(_build_sampling_inputs(engine, preset))
-            parts.update(_build_model_inputs(engine))
+            parts.update(_build_model_inputs(engine, hosting))
             gr.Examples([[line] for line in example_prompts()], inputs=[parts["prompt"]], label="Example prompts")
         with gr.Column(scale=6):
             parts.update(_build_outputs())
@@ -350,10 +420,11 @@ def build_generate_tab(engine: LensEngine, settings: AppSettings) -> GenerateTab
         name: parts.pop(name) for name in ("generate_btn", "cancel_btn", "rewrite_btn", "refresh_loras", "reuse_seed")
     }
     tab = GenerateTab(state=gr.State(SessionState()), **parts)
-    _wire_form_events(tab, engine, buttons)
-    _wire_generation(tab, engine, buttons)
-    _wire_rewriter(tab, engine, settings, buttons)
-    _build_api(tab, engine)
+    _wire_form_events(tab, engine, hosting, buttons)
+    _wire_restore(tab, hosting)
+    _wire_generation(tab, engine, hosting, buttons)
+    _wire_rewriter(tab, engine, hosting, buttons)
+    _build_api(tab, engine, hosting)
     return tab
 
 
@@ -362,7 +433,7 @@ def build_generate_tab(engine: LensEngine, settings: AppSettings) -> GenerateTab
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _wire_form_events(tab: GenerateTab, engine: LensEngine, buttons: dict) -> None:
+def _wire_form_events(tab: GenerateTab, engine: LensEngine, hosting: Hosting, buttons: dict) -> None:
     # Instant form events skip the queue (queue=False) so the page stays responsive behind a long GPU queue.
     def variant_defaults(variant: str) -> dict:
         preset = get_variant(variant)
@@ -379,23 +450,20 @@ def _wire_form_events(tab: GenerateTab, engine: LensEngine, buttons: dict) -> No
         width, height = aspect_presets()[label]
         return {tab.width: width, tab.height: height}
 
-    def restore(path: str | None) -> dict:
-        if not path:
-            return {}
-        try:
-            return tab.restore_updates(read_settings(path), "the dropped PNG")
-        except ValueError as error:
-            raise gr.Error(f"Cannot restore settings from this file: {error}", title="Not a Lens/A1111 PNG") from None
-
     def reuse_seed(seed) -> dict:
         if seed is None:
             raise gr.Error("No image generated yet: there is no seed to reuse.")
-        return {tab.seed_mode: SEED_FIXED, tab.seed: int(seed)}
+        try:
+            return {tab.seed_mode: SEED_FIXED, tab.seed: as_int("seed", seed)}
+        except ValueError as error:
+            raise user_error(error) from None
 
-    def refresh_loras() -> list:
-        return [gr.update(choices=_lora_choices(engine)) for _ in tab.lora_names]
+    def refresh_loras(request: gr.Request) -> list:
+        choices = _lora_choices(engine, hosting.workspace(request).root)
+        return [gr.update(choices=choices) for _ in tab.lora_names]
 
-    def set_memory_mode(mode: str) -> str:
+    def set_memory_mode(mode: str, request: gr.Request) -> str:
+        hosting.require_admin(request, "Changing the memory mode")
         try:
             return f"Memory mode: **{engine.set_memory_mode(mode)}**."
         except (ValueError, EngineNotReady) as error:
@@ -411,7 +479,6 @@ def _wire_form_events(tab: GenerateTab, engine: LensEngine, buttons: dict) -> No
     tab.aspect.input(aspect_size, [tab.aspect], [tab.width, tab.height], api_name="aspect_size", queue=False)
     for slider, name in ((tab.width, "width"), (tab.height, "height")):
         slider.input(aspect_for_size, [tab.width, tab.height], [tab.aspect], api_name=f"{name}_to_aspect", queue=False)
-    tab.restore_file.upload(restore, [tab.restore_file], tab.restore_outputs(), api_name="restore_settings")
     buttons["reuse_seed"].click(
         reuse_seed, [tab.seed_used], [tab.seed_mode, tab.seed], api_name="reuse_seed", queue=False
     )
@@ -424,6 +491,49 @@ def _wire_form_events(tab: GenerateTab, engine: LensEngine, buttons: dict) -> No
         concurrency_id=GPU_QUEUE,
         concurrency_limit=1,
     )
+
+
+def _read_dropped_png(upload, hosting: Hosting) -> tuple[ImageSettings, str]:
+    """The settings of an uploaded PNG (its text chunks only) and its name; Gradio's temporary copy is removed."""
+    from gradio.utils import get_upload_folder
+
+    path = upload.get("path") if isinstance(upload, dict) else upload
+    if not isinstance(path, str) or not path:
+        raise ValueError("Drop a PNG file (ours or A1111-style) to restore its settings.")
+    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or Path(path).name
+    try:
+        return read_settings(path), Path(str(name)).name
+    finally:
+        discard_temporary_upload(path, get_upload_folder())
+
+
+def _wire_restore(tab: GenerateTab, hosting: Hosting) -> None:
+    """Dropping a PNG fills the form; a bad file leaves the form as it was and says why next to the drop zone.
+    `/restore_settings` does the same for API callers and raises the error instead."""
+
+    def restore(upload) -> dict:
+        if not upload:
+            return {tab.restore_message: ""}
+        try:
+            settings, name = _read_dropped_png(upload, hosting)
+            updates = tab.restore_updates(settings, name)
+        except ValueError as error:
+            return {tab.restore_message: f"**Cannot restore settings from this file:** {error}", tab.restore_file: None}
+        return {**updates, tab.restore_message: "", tab.restore_file: None}
+
+    def restore_api(upload) -> dict:
+        try:
+            settings, name = _read_dropped_png(upload, hosting)
+            return tab.restore_updates(settings, name)
+        except ValueError as error:
+            raise gr.Error(f"Cannot restore settings from this file: {error}", title="Not a Lens/A1111 PNG") from None
+
+    outputs = [*tab.restore_outputs(), tab.restore_message, tab.restore_file]
+    tab.restore_file.upload(restore, [tab.restore_file], outputs, api_visibility="private", preprocess=False)
+    with gr.Column(visible=False):
+        api_file = gr.File(file_types=[".png"], type="filepath", label="PNG with settings")
+        trigger = gr.Button()
+    trigger.click(restore_api, [api_file], tab.restore_outputs(), api_name="restore_settings", preprocess=False)
 
 
 def _progress_update(tab: GenerateTab, event: ProgressEvent, progress: gr.Progress) -> dict:
@@ -446,13 +556,30 @@ def _final_update(tab: GenerateTab, result: GenerationResult, state: SessionStat
     }
 
 
+def _cancelled_update(tab: GenerateTab, error: GenerationCancelled) -> dict:
+    update = {tab.status: f"Cancelled. {error}"}
+    if error.saved:
+        update[tab.gallery] = [(str(path), path.stem) for path in error.saved]
+    return update
+
+
 def _start_job(state: SessionState) -> SessionState:
     # Runs at once (not queued), so a Cancel while the job waits in the queue is not lost.
     state.new_job()
     return state
 
 
-def _wire_generation(tab: GenerateTab, engine: LensEngine, buttons: dict) -> None:
+def job_place(hosting: Hosting, request: gr.Request | None) -> JobPlace:
+    """The caller's workspace and rights, and a check that their client is still connected."""
+    event_id = hosting.queue.current_event_id()
+    return JobPlace(
+        workspace=hosting.workspace(request).root,
+        allow_model_reload=hosting.is_admin(request),
+        still_wanted=lambda: hosting.queue.still_wanted(event_id),
+    )
+
+
+def _wire_generation(tab: GenerateTab, engine: LensEngine, hosting: Hosting, buttons: dict) -> None:
     inputs = {
         tab.prompt,
         tab.negative_prompt,
@@ -475,45 +602,56 @@ def _wire_generation(tab: GenerateTab, engine: LensEngine, buttons: dict) -> Non
 
     def gpu_seconds(values: dict, *args, **kwargs) -> int:
         try:
-            request = tab.request_from(values)
+            return _gpu_seconds(tab.request_from(values))
         except ValueError:
             return 30  # the handler will refuse the request at once
-        return estimate_gpu_seconds(
-            request.num_inference_steps, request.width, request.height, request.total_images, request.guidance_scale
-        )
 
     @gpu_task(gpu_seconds)
-    def generate(values: dict, progress=gr.Progress()):  # noqa: B008 (Gradio's progress injection)
+    def generate(values: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's progress injection)
         try:
-            request = tab.request_from(values)
+            job = tab.request_from(values)
         except ValueError as error:
             raise user_error(error) from None
         state: SessionState = values[tab.state]
+        place = job_place(hosting, request)
         yield {tab.status: "Waiting for the GPU..." if engine.busy else "Starting..."}
+        state.running = True
         try:
-            for item in stream_generation(engine, request, state.cancel):
+            for item in stream_generation(engine, job, state.cancel, place):
                 if isinstance(item, ProgressEvent):
                     yield _progress_update(tab, item, progress)
                 else:
                     yield _final_update(tab, item, state)
         except GenerationCancelled as error:
-            yield {tab.status: f"Cancelled. {error}"}
+            yield _cancelled_update(tab, error)
         except (ValueError, EngineNotReady, OSError) as error:
             raise user_error(error) from None
+        finally:
+            state.running = False
 
-    def cancel(state: SessionState) -> str:
-        state.cancel.set()  # only this session's job: the event lives in this user's gr.State
-        return "Cancelling your job at the next step..."
+    async def cancel(state: SessionState, request: gr.Request) -> str:
+        # Only this session's jobs: the waiting ones leave the queue, the running one stops at its next step.
+        dropped = await hosting.queue.drop_waiting(
+            getattr(request, "session_hash", None), GPU_QUEUE, "Cancelled while waiting for the GPU; nothing was saved."
+        )
+        running = state.running
+        state.cancel.set()
+        parts = ["Cancelling your running job at its next step" if running else ""]
+        if dropped:
+            parts.append(f"removed {dropped} waiting job{'s' if dropped != 1 else ''} from the queue")
+        text = "; ".join(part for part in parts if part)
+        return (text[0].upper() + text[1:] + ".") if text else "You have no job running or waiting."
 
     start = buttons["generate_btn"].click(_start_job, [tab.state], [tab.state], queue=False, api_visibility="private")
     start.then(generate, inputs, outputs, api_name="generate_stream", concurrency_id=GPU_QUEUE, concurrency_limit=1)
     buttons["cancel_btn"].click(cancel, [tab.state], [tab.status], queue=False, api_name="cancel")
 
 
-def _wire_rewriter(tab: GenerateTab, engine: LensEngine, settings: AppSettings, buttons: dict) -> None:
+def _wire_rewriter(tab: GenerateTab, engine: LensEngine, hosting: Hosting, buttons: dict) -> None:
     def rewrite(prompt: str, backend: str) -> tuple[str, bool, str]:
         try:
-            chosen = dataclasses.replace(settings.rewriter, backend=backend)
+            # A name among the server's backends: the URL and key never come from the caller.
+            chosen = hosting.backends.rewriter_settings(backend)
             text = engine.rewrite_prompt(prompt, chosen)
         except (ValueError, RewriterError, EngineNotReady) as error:
             raise user_error(error) from None
@@ -545,7 +683,14 @@ def _parse_api_loras(loras) -> list[tuple[str, float]]:
     return parsed
 
 
-def _api_gpu_seconds(
+def _gpu_seconds(request: GenerationRequest) -> int:
+    """ZeroGPU reservation for a checked request (None steps / guidance: at most Base's 50 steps with guidance)."""
+    steps = request.num_inference_steps or 50
+    guidance = 5.0 if request.guidance_scale is None else request.guidance_scale
+    return estimate_gpu_seconds(steps, request.width, request.height, request.total_images, guidance)
+
+
+def api_request(
     prompt,
     negative_prompt,
     width,
@@ -556,41 +701,60 @@ def _api_gpu_seconds(
     variant,
     batch_count,
     batch_size,
-    *rest,
-) -> int:
-    """ZeroGPU reservation for a `/generate` call, from its raw (not yet validated) arguments."""
-    numbers = (width, height, num_inference_steps, guidance_scale, batch_count, batch_size)
-    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in numbers):
-        return 30  # the handler will refuse the request at once
-    steps = num_inference_steps if num_inference_steps > 0 else 50  # -1: the variant's default, at most Base's 50
-    guidance = guidance_scale if guidance_scale >= 0 else 5.0
-    images = max(1, int(batch_count) * int(batch_size))
-    return estimate_gpu_seconds(int(steps), int(width), int(height), images, guidance)
+    loras,
+) -> GenerationRequest:
+    """A checked request from `/generate`'s raw arguments: -1 (or None) means a random seed and the variant's default
+    steps / guidance; a value of the wrong type is refused with its name, never converted."""
+    seed = as_int("seed", seed, allow_none=True)
+    steps = as_int("num_inference_steps", num_inference_steps, allow_none=True)
+    guidance = as_number("guidance_scale", guidance_scale, allow_none=True)
+    return GenerationRequest(
+        prompt=as_text("prompt", prompt, allow_none=False),
+        negative_prompt=as_text("negative_prompt", negative_prompt),
+        variant=as_text("variant", variant) or "Lens-Turbo",
+        width=as_int("width", width),
+        height=as_int("height", height),
+        num_inference_steps=None if steps is None or steps < 0 else steps,
+        guidance_scale=None if guidance is None or guidance < 0 else guidance,
+        seed=None if seed is None or seed < 0 else seed,
+        batch_count=as_int("batch_count", batch_count),
+        batch_size=as_int("batch_size", batch_size),
+        loras=_parse_api_loras(loras),
+    )
 
 
-def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
+def _build_api(tab: GenerateTab, engine: LensEngine, hosting: Hosting) -> None:
     """`/generate`: named parameters, returns the saved PNG files and the settings used (for gradio_client).
 
-    `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default"."""
+    `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default". The job stops
+    at its next step when the caller cancels (`/cancel`, or gradio_client's `Job.cancel()`) or disconnects."""
     with gr.Column(visible=False):
         fields = [
-            gr.Textbox(value=""),
-            gr.Textbox(value=""),
-            gr.Number(value=1024),
-            gr.Number(value=1024),
-            gr.Number(value=-1),
-            gr.Number(value=-1),
-            gr.Number(value=-1),
-            gr.Textbox(value="Lens-Turbo"),
-            gr.Number(value=1),
-            gr.Number(value=1),
-            gr.JSON(value=[]),
+            gr.Textbox(value="", label="prompt"),
+            gr.Textbox(value="", label="negative_prompt"),
+            gr.Number(value=1024, label="width"),
+            gr.Number(value=1024, label="height"),
+            gr.Number(value=-1, label="num_inference_steps"),
+            gr.Number(value=-1, label="guidance_scale"),
+            gr.Number(value=-1, label="seed"),
+            gr.Textbox(value="Lens-Turbo", label="variant"),
+            gr.Number(value=1, label="batch_count"),
+            gr.Number(value=1, label="batch_size"),
+            gr.JSON(value=[], label="loras"),
         ]
         files, info = gr.File(file_count="multiple"), gr.JSON()
         trigger = gr.Button()
 
-    @gpu_task(_api_gpu_seconds)
-    def generate(
+    @gpu_task(lambda job, *args, **kwargs: _gpu_seconds(job))
+    def run_on_gpu(job: GenerationRequest, cancel: threading.Event, place: JobPlace, progress) -> GenerationResult:
+        def on_progress(event: ProgressEvent) -> None:
+            progress((event.step, event.total_steps), desc=f"Step {event.step} / {event.total_steps}")
+            if not place.still_wanted():
+                cancel.set()  # the client went away: stop at the next step
+
+        return engine.generate(job, on_progress=on_progress, cancel_event=cancel, **place.engine_options())
+
+    async def generate(
         prompt,
         negative_prompt,
         width,
@@ -603,29 +767,29 @@ def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
         batch_size,
         loras,
         state: SessionState,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008 (Gradio's progress injection)
     ):
         try:
-            # -1 (or None) means: a random seed, the variant's default steps / guidance.
-            seed = as_int("seed", seed, allow_none=True)
-            steps = as_int("num_inference_steps", num_inference_steps, allow_none=True)
-            request = GenerationRequest(
-                prompt=prompt,
-                negative_prompt=negative_prompt or "",
-                variant=variant or "Lens-Turbo",
-                width=as_int("width", width),
-                height=as_int("height", height),
-                num_inference_steps=None if steps is None or steps < 0 else steps,
-                guidance_scale=None if guidance_scale is None or guidance_scale < 0 else guidance_scale,
-                seed=None if seed is None or seed < 0 else seed,
-                batch_count=as_int("batch_count", batch_count),
-                batch_size=as_int("batch_size", batch_size),
-                loras=_parse_api_loras(loras),
-            )
-            result = engine.generate(request, cancel_event=state.new_job())
+            job = api_request(
+                prompt, negative_prompt, width, height, num_inference_steps, guidance_scale, seed, variant,
+                batch_count, batch_size, loras,
+            )  # fmt: skip
+        except ValueError as error:
+            raise user_error(error) from None
+        cancel, place = state.new_job(), job_place(hosting, request)
+        state.running = True
+        try:
+            result = await asyncio.to_thread(run_on_gpu, job, cancel, place, progress)
+        except asyncio.CancelledError:
+            cancel.set()  # gradio_client's Job.cancel() cancels this task: the worker stops at its next step
+            raise
         except GenerationCancelled as error:
-            raise gr.Error(f"Cancelled: {error}") from None
+            raise gr.Error(f"Cancelled: {error}", title="Cancelled") from None
         except (ValueError, EngineNotReady, OSError) as error:
             raise user_error(error) from None
+        finally:
+            state.running = False
         return [str(path) for path in result.paths], result_summary(result)
 
     trigger.click(
@@ -635,4 +799,5 @@ def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
         api_name="generate",
         concurrency_id=GPU_QUEUE,
         concurrency_limit=1,
+        preprocess=False,
     )

@@ -2,14 +2,19 @@
 
 The job is ``python -m training.recaption`` in its own process (``training.recaption.job``), so the UI stays
 responsive and a closed browser loses nothing. Everything per user lives in ``gr.State``; nothing is shared.
+
+In ``personal`` mode the person at the machine types folders, a server URL and the name of the key's environment
+variable. In ``shared`` mode a visitor picks one of their own uploaded datasets and one of the server's configured
+backends by name; captions are written next to the uploaded images, inside the visitor's workspace.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,27 +22,47 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from app.access import Hosting
+from app.backends import DEMO_RECAPTION_BACKEND
+from app.uploads import (
+    IMAGE_SUFFIXES,
+    UploadError,
+    UploadLimits,
+    discard_temporary_upload,
+    extract_dataset_zip,
+    list_datasets,
+    new_upload_folder,
+    save_dataset_files,
+)
 from training.recaption.config import BACKENDS, OUTPUT_FORMATS, PRECISIONS, RecaptionConfig
 from training.recaption.job import RecaptionJob
 from training.recaption.review import captioned_records, save_caption
 from training.recaption.templates import PRESETS
+from training.recaption.writers import sidecar_path
 
 logger = logging.getLogger(__name__)
 
 PREVIEW_IMAGES = 4
-MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed; refuses zip bombs
-ZIP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".txt", ".jsonl")
 DEMO_MAX_NEW_TOKENS = 48
 TABLE_HEADERS = ["key", "words", "tokens", "flags", "accepted", "caption"]
+_DEMO_MODEL_LOCK = threading.Lock()  # one build of the shared demo model at a time
 
 
 @dataclass
 class RecaptionSession:
-    """One browser session's jobs (kept in ``gr.State``)."""
+    """One browser session's jobs (kept in ``gr.State``). ``confined_to``: on a shared server, the workspace every
+    folder and image of this session must lie in."""
 
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     job: RecaptionJob | None = None
     output_dir: str | None = None
+    confined_to: str | None = None
+
+    def allows(self, path: str | Path | None) -> bool:
+        """Whether this session may read or write `path` (always, unless confined to a workspace)."""
+        if path is None:
+            return False
+        return self.confined_to is None or Path(os.path.realpath(path)).is_relative_to(self.confined_to)
 
 
 def _session(state: RecaptionSession | None) -> RecaptionSession:
@@ -52,6 +77,9 @@ def build_config(values: dict[str, Any], **overrides: Any) -> RecaptionConfig:
         raise gr.Error("Pick a dataset folder (or upload a zip) first.")
     if not Path(folder).is_dir():
         raise gr.Error(f"The dataset folder {folder!r} does not exist or is not a folder.")
+    output = (values.get("output_dir") or "").strip()
+    if output and Path(output).exists() and not (Path(output).is_dir() and os.access(output, os.W_OK)):
+        raise gr.Error(f"The output folder {output!r} is not a writable folder.")
     settings = {
         "inputs": [folder],
         "output_dir": (values.get("output_dir") or "").strip() or None,
@@ -78,38 +106,35 @@ def build_config(values: dict[str, Any], **overrides: Any) -> RecaptionConfig:
         raise gr.Error(str(error)) from None
 
 
-def extract_zip(upload: str | None, output_root: Path, session: RecaptionSession) -> str:
-    """Unpack an uploaded zip into ``output_root/uploads/<session>/<id>`` safely; returns the folder."""
-    if not upload:
-        raise gr.Error("Choose a .zip file to upload.")
-    target = output_root / "uploads" / session.session_id / uuid.uuid4().hex[:8]
+def extract_zip(
+    upload: str | list | None, uploads_root: Path, session: RecaptionSession, limits: UploadLimits | None = None
+) -> str:
+    """Unpack an uploaded zip (or copy uploaded images) into a new folder under ``uploads_root/uploads`` with the
+    limits of ``app.uploads``: all or nothing. Returns the folder; Gradio's temporary copies are removed."""
+    from gradio.utils import get_upload_folder
+
+    files = [item for item in (upload if isinstance(upload, list) else [upload]) if item]
+    paths = [item.get("path") if isinstance(item, dict) else item for item in files]
+    if not paths or not all(isinstance(path, str) for path in paths):
+        raise gr.Error("Choose a .zip file or images to upload.")
+    destination = new_upload_folder(Path(uploads_root) / "uploads")
     try:
-        with zipfile.ZipFile(upload) as archive:
-            members = [
-                info
-                for info in archive.infolist()
-                if not info.is_dir() and info.filename.lower().endswith(ZIP_EXTENSIONS)
-            ]
-            if sum(info.file_size for info in members) > MAX_ZIP_BYTES:
-                raise gr.Error(
-                    f"The zip unpacks to more than {MAX_ZIP_BYTES // 1024**3} GB; upload a smaller one or use a folder."
-                )
-            for info in members:
-                destination = (target / info.filename).resolve()
-                if not destination.is_relative_to(target.resolve()):  # "zip slip": ../ or absolute names
-                    raise gr.Error(f"The zip holds an unsafe path {info.filename!r}.")
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                destination.write_bytes(archive.read(info))
-    except zipfile.BadZipFile:
-        raise gr.Error("That file is not a valid .zip archive.") from None
-    if not members:
-        raise gr.Error(f"The zip holds no images; allowed files: {', '.join(ZIP_EXTENSIONS)}.")
-    return str(target)
+        if len(paths) == 1 and paths[0].lower().endswith(".zip"):
+            result = extract_dataset_zip(paths[0], destination, limits)
+        else:
+            result = save_dataset_files(paths, destination, limits)
+    except UploadError as error:
+        raise gr.Error(str(error)) from None
+    finally:
+        for path in paths:
+            discard_temporary_upload(path, get_upload_folder())
+    logger.info("Uploaded dataset %s: %s", destination.name, result.summary())
+    return str(result.folder)
 
 
 # ---------------------------------------------------------------------------------------------- views of a run
-def _thumbnail(record: dict[str, Any]) -> tuple[Image.Image, str] | None:
-    if not record.get("image"):
+def _thumbnail(record: dict[str, Any], session: RecaptionSession | None = None) -> tuple[Image.Image, str] | None:
+    if not record.get("image") or (session is not None and not session.allows(record["image"])):
         return None
     try:
         with Image.open(record["image"]) as image:
@@ -121,7 +146,9 @@ def _thumbnail(record: dict[str, Any]) -> tuple[Image.Image, str] | None:
     return thumb, f"{record['key']}: {record.get('caption', '')[:140]}"
 
 
-def progress_view(events: list[dict[str, Any]], running: bool, exit_code: int | None) -> tuple[str, list]:
+def progress_view(
+    events: list[dict[str, Any]], running: bool, exit_code: int | None, session: RecaptionSession | None = None
+) -> tuple[str, list]:
     """A status line and thumbnails of the latest captions from a run's progress events."""
     if not events:
         return ("Starting..." if running else "No progress yet."), []
@@ -136,7 +163,7 @@ def progress_view(events: list[dict[str, Any]], running: bool, exit_code: int | 
     if last.get("stopped_reason"):
         text += f"  \nStopped: {last['stopped_reason']}"
     items = [event for event in events if event.get("event") == "item" and event.get("status") == "ok"][-8:]
-    return text, [thumb for thumb in map(_thumbnail, reversed(items)) if thumb]
+    return text, [thumb for item in reversed(items) if (thumb := _thumbnail(item, session))]
 
 
 def review_table(output_dir: str | None, flagged_only: bool) -> tuple[list[list[Any]], list[str]]:
@@ -168,6 +195,13 @@ def statistics(output_dir: str | None) -> tuple[dict | None, Image.Image | None]
 
 
 # ---------------------------------------------------------------------------------------------- handlers
+def _shown(session: RecaptionSession, path: str) -> str:
+    """A folder as its owner should see it: relative to their workspace on a shared server."""
+    if session.confined_to and Path(os.path.realpath(path)).is_relative_to(session.confined_to):
+        return Path(os.path.realpath(path)).relative_to(session.confined_to).as_posix()
+    return path
+
+
 def start_job(
     state: RecaptionSession | None, values: dict[str, Any], output_root: Path, *, resume: bool = False
 ) -> tuple:
@@ -182,7 +216,7 @@ def start_job(
     except (OSError, ValueError) as error:
         raise gr.Error(f"Could not start the job: {error}") from None
     session.output_dir = str(session.job.output_dir)
-    return session, f"Started: captions go to {session.output_dir}", gr.Timer(active=True)
+    return session, f"Started: captions go to {_shown(session, session.output_dir)}", gr.Timer(active=True)
 
 
 def poll_job(state: RecaptionSession | None) -> tuple:
@@ -191,7 +225,7 @@ def poll_job(state: RecaptionSession | None) -> tuple:
     if session.job is None:
         return "No job started.", [], gr.Timer(active=False), None, None
     running = session.job.running()
-    text, thumbs = progress_view(session.job.events(), running, session.job.exit_code())
+    text, thumbs = progress_view(session.job.events(), running, session.job.exit_code(), session)
     if not running and session.job.exit_code() not in (0, 1, 130):
         text += f"\n\n```\n{session.job.log_tail(1500)}\n```"
     report, histogram = statistics(session.output_dir) if not running else (gr.skip(), gr.skip())
@@ -224,7 +258,7 @@ def preview(state: RecaptionSession | None, values: dict[str, Any], output_root:
     if not items:
         raise gr.Error(f"The preview produced no captions. Log:\n{job.log_tail(800)}")
     lines = [f"**{item['key']}**: " + (item.get("caption") or f"failed: {item.get('reason')}") for item in items]
-    thumbs = [thumb for thumb in map(_thumbnail, items) if thumb]
+    thumbs = [thumb for item in items if (thumb := _thumbnail(item, session))]
     return session, "\n\n".join(lines), thumbs
 
 
@@ -234,6 +268,8 @@ def load_review(state: RecaptionSession | None, output_dir: str, flagged_only: b
     folder = (output_dir or "").strip() or session.output_dir
     if not folder or not Path(folder).is_dir():
         raise gr.Error("Start a run first, or enter the output folder of an earlier run.")
+    if not session.allows(folder):
+        raise gr.Error("That folder is outside your workspace; pick one of your datasets.")
     session.output_dir = folder
     rows, keys = review_table(folder, flagged_only)
     report, histogram = statistics(folder)
@@ -248,7 +284,7 @@ def show_caption(state: RecaptionSession | None, key: str | None) -> tuple:
     record = next((r for r in captioned_records(Path(session.output_dir)) if r["key"] == key), None)
     if record is None:
         return None, ""
-    thumb = _thumbnail(record)
+    thumb = _thumbnail(record, session)
     return (thumb[0] if thumb else None), record["caption"]
 
 
@@ -260,6 +296,9 @@ def save_edit(state: RecaptionSession | None, key: str | None, caption: str, fla
     if not key or not session.output_dir:
         raise gr.Error("Load the captions and choose an image first.")
     config = session.job.config if session.job else None
+    extension = config.sidecar_extension if config else ".txt"
+    if not session.allows(sidecar_path(Path(session.output_dir), key, extension)):
+        raise gr.Error(f"The caption of {key!r} would be written outside your workspace; it was not saved.")
     try:
         save_caption(
             Path(session.output_dir),
@@ -288,40 +327,107 @@ def accept_unflagged(state: RecaptionSession | None, flagged_only: bool) -> tupl
     return rows, f"Accepted {len(records)} unflagged captions."
 
 
-def use_demo_model(output_root: Path) -> tuple:
-    """Build (once) the tiny random offline model and select it: try the local backend without any download."""
+def demo_model_folder(output_root: Path) -> Path:
+    """Build (once, one build at a time) the tiny random offline captioning model; return its folder."""
     from training.recaption.tiny_vlm import build_tiny_vlm  # imports torch/transformers: only when asked
 
-    folder = output_root / "recaption_demo_model"
-    if not (folder / "config.json").exists():
-        build_tiny_vlm(folder)
+    folder = Path(output_root) / "recaption_demo_model"
+    with _DEMO_MODEL_LOCK:
+        if not (folder / "config.json").exists():
+            build_tiny_vlm(folder)
+    return folder
+
+
+def use_demo_model(output_root: Path) -> tuple:
+    """Build (once) the tiny random offline model and select it: try the local backend without any download."""
+    folder = demo_model_folder(output_root)
     message = f"Tiny random demo model ready at {folder}: its captions are random words, for trying the workflow only."
     # Random weights rarely emit end-of-sequence: cap the answer so the demo finishes in seconds on a CPU.
     return "local", str(folder), DEMO_MAX_NEW_TOKENS, message
 
 
+# ---------------------------------------------------------------------------------------------- shared mode
+def shared_values(values: dict[str, Any], hosting: Hosting, request: gr.Request | None) -> dict[str, Any]:
+    """A shared server's widget values (a dataset name, a backend name) -> the config values: the folder of the
+    caller's dataset and the endpoint of the server's backend. Nothing the caller sends names a path or URL."""
+    workspace = hosting.workspace(request)
+    datasets = list_datasets(workspace.uploads)
+    name = values.get("inputs")
+    if name not in datasets:
+        raise gr.Error(f"Pick one of your uploaded datasets ({', '.join(datasets) or 'none yet: upload a zip'}).")
+    try:
+        backend = hosting.backends.pick("recaption", values.get("backend"))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    model = backend.model
+    if backend.name == DEMO_RECAPTION_BACKEND:
+        # Random weights rarely stop on their own: cap the answer so the demo finishes in seconds.
+        model = str(demo_model_folder(hosting.output_dir / "recaption"))
+        values = {
+            **values,
+            "max_new_tokens": min(values.get("max_new_tokens") or DEMO_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS),
+        }
+    defaults = RecaptionConfig()
+    return {
+        **values,
+        "inputs": str(workspace.resolve(datasets[name])),
+        "output_dir": "",  # captions next to the uploaded images, inside the workspace
+        "backend": backend.kind,
+        "model": model,
+        "base_url": backend.base_url or defaults.base_url,
+        "api_key_env": backend.api_key_env,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- layout
-def _settings_widgets() -> dict[str, gr.components.Component]:
-    """The run settings, keyed by their ``RecaptionConfig`` field name (handlers read them by name)."""
+def _dataset_widgets(hosting: Hosting, widgets: dict) -> gr.File:
+    upload_types = [".zip", *IMAGE_SUFFIXES, ".txt", ".jsonl"]
+    with gr.Row():
+        if hosting.shared:
+            widgets["inputs"] = gr.Dropdown([], label="Dataset (your uploads)", scale=3)
+        else:
+            widgets["inputs"] = gr.Textbox(label="Dataset folder", placeholder="/data/my_images", scale=3)
+        limit = f"{hosting.upload_limits.max_total_bytes / 1024**3:.0f} GiB"
+        upload = gr.File(
+            label=f"...or upload a zip or images (at most {limit} unpacked)",
+            file_types=upload_types,
+            file_count="multiple",
+            type="filepath",
+            scale=1,
+        )
+    if not hosting.shared:
+        widgets["output_dir"] = gr.Textbox(label="Output folder (empty: sidecars next to the images)")
+    return upload
+
+
+def _settings_widgets(hosting: Hosting) -> dict[str, gr.components.Component]:
+    """The run settings, keyed by their ``RecaptionConfig`` field name (handlers read them by name). A shared server
+    offers its configured backends by name instead of the model / URL / key-variable fields."""
     defaults = RecaptionConfig()
     widgets: dict[str, gr.components.Component] = {}
+    upload = _dataset_widgets(hosting, widgets)
     with gr.Row():
-        widgets["inputs"] = gr.Textbox(label="Dataset folder", placeholder="/data/my_images", scale=3)
-        upload = gr.File(label="...or upload a zip", file_types=[".zip"], type="filepath", scale=1)
-    widgets["output_dir"] = gr.Textbox(label="Output folder (empty: sidecars next to the images)")
-    with gr.Row():
-        widgets["backend"] = gr.Radio(list(BACKENDS), value=defaults.backend, label="Backend")
-        widgets["model"] = gr.Textbox(value=defaults.model, label="Model (server model name or local model folder)")
+        if hosting.shared:
+            names = list(hosting.backends.recaption)
+            widgets["backend"] = gr.Dropdown(
+                [(backend.describe(), name) for name, backend in hosting.backends.recaption.items()],
+                value=names[0],
+                label="Backend (set up by the server)",
+            )
+        else:
+            widgets["backend"] = gr.Radio(list(BACKENDS), value=defaults.backend, label="Backend")
+            widgets["model"] = gr.Textbox(value=defaults.model, label="Model (server model name or local model folder)")
         widgets["template"] = gr.Dropdown(list(PRESETS), value=defaults.template, label="Template")
         widgets["target_words"] = gr.Number(
             value=PRESETS[defaults.template].target_words, precision=0, label="Target words"
         )
     with gr.Accordion("Backend and output settings", open=False):
         with gr.Row():
-            widgets["base_url"] = gr.Textbox(value=defaults.base_url, label="Server URL (openai)")
-            widgets["api_key_env"] = gr.Textbox(
-                value=defaults.api_key_env, label="Environment variable holding the API key"
-            )
+            if not hosting.shared:
+                widgets["base_url"] = gr.Textbox(value=defaults.base_url, label="Server URL (openai)")
+                widgets["api_key_env"] = gr.Textbox(
+                    value=defaults.api_key_env, label="Environment variable holding the API key"
+                )
             widgets["concurrency"] = gr.Slider(1, 64, value=defaults.concurrency, step=1, label="Concurrent requests")
         with gr.Row():
             widgets["batch_size"] = gr.Slider(1, 64, value=defaults.batch_size, step=1, label="Batch size (local)")
@@ -347,19 +453,32 @@ def _selected_key(event: gr.SelectData) -> Any:
     return event.row_value[0] if event.row_value else gr.skip()
 
 
-def build_recaption_tab(output_root: Path) -> None:
-    """Build the tab inside an open ``gr.Blocks`` / ``gr.Tab``; job configs, logs and uploads go under ``output_root``."""
+def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> None:
+    """Build the tab inside an open ``gr.Blocks`` / ``gr.Tab``. Personal mode: job configs, logs and uploads go under
+    ``output_root``. Shared mode: under the caller's workspace (``hosting``)."""
     output_root = Path(output_root)
+    hosting = hosting or Hosting.personal(output_root.parent)
     state = gr.State(None)
-    widgets = _settings_widgets()
+    widgets = _settings_widgets(hosting)
     upload = widgets.pop("_upload")
     # One fixed order (state, then the settings by field name) so API callers see stable parameters; handlers
     # turn the values back into a dict by name instead of unpacking dozens of positional arguments.
     setting_names = list(widgets)
     settings = [state, *widgets.values()]
 
-    def by_name(values: tuple) -> tuple[RecaptionSession | None, dict[str, Any]]:
-        return values[0], dict(zip(setting_names, values[1:], strict=True))
+    def place(request: gr.Request | None, state_value) -> tuple[RecaptionSession, Path]:
+        """This session and the folder its jobs and uploads go in (the caller's workspace when shared)."""
+        session = _session(state_value)
+        if not hosting.shared:
+            return session, output_root
+        workspace = hosting.workspace(request)
+        session.confined_to = str(workspace.root)
+        return session, workspace.recaption
+
+    def by_name(request: gr.Request | None, values: tuple) -> tuple[RecaptionSession, dict[str, Any], Path]:
+        session, root = place(request, values[0])
+        named = dict(zip(setting_names, values[1:], strict=True))
+        return session, (shared_values(named, hosting, request) if hosting.shared else named), root
 
     with gr.Row():
         preview_button = gr.Button("Preview on 4 images")
@@ -367,14 +486,21 @@ def build_recaption_tab(output_root: Path) -> None:
         stop_button = gr.Button("Stop", variant="stop")
         resume_button = gr.Button("Resume")
         demo_button = gr.Button("Use the offline demo model", size="sm")
-    status = gr.Markdown("Pick a dataset folder, a backend and a model, then preview or start.")
+    status = gr.Markdown(
+        "Upload a dataset, pick a backend, then preview or start."
+        if hosting.shared
+        else "Pick a dataset folder, a backend and a model, then preview or start."
+    )
     preview_text = gr.Markdown()
     thumbs = gr.Gallery(label="Latest captions", columns=8, height=220)
     timer = gr.Timer(1.0, active=False)
 
     with gr.Accordion("Review and statistics", open=True):
         with gr.Row():
-            review_folder = gr.Textbox(label="Output folder to review (empty: this session's run)", scale=3)
+            if hosting.shared:
+                review_folder = gr.Dropdown([], label="Dataset to review (empty: this session's run)", scale=3)
+            else:
+                review_folder = gr.Textbox(label="Output folder to review (empty: this session's run)", scale=3)
             flagged_only = gr.Checkbox(label="Only flagged captions", scale=1)
             review_button = gr.Button("Load captions", scale=1)
         table = gr.Dataframe(
@@ -398,33 +524,69 @@ def build_recaption_tab(output_root: Path) -> None:
             report = gr.JSON(label="Statistics")
             histogram = gr.Image(label="Caption length histogram", type="pil", interactive=False)
 
-    def on_upload(current: RecaptionSession | None, zip_path: str | None) -> tuple:
-        session = _session(current)
-        return session, extract_zip(zip_path, output_root, session)
+    def dataset_choices(request: gr.Request | None, selected: str | None = None) -> tuple:
+        names = list(list_datasets(hosting.workspace(request).uploads))
+        return gr.update(choices=names, value=selected), gr.update(choices=names)
 
-    def on_start(*values: Any) -> tuple:
-        return start_job(*by_name(values), output_root)
+    def on_upload(current: RecaptionSession | None, files, request: gr.Request) -> tuple:
+        session, root = place(request, current)
+        uploads_root = hosting.workspace(request).root if hosting.shared else root
+        folder = extract_zip(files, uploads_root, session, hosting.upload_limits)
+        if hosting.shared:
+            return session, *dataset_choices(request, Path(folder).name)
+        return session, folder
 
-    def on_resume(*values: Any) -> tuple:
-        return start_job(*by_name(values), output_root, resume=True)
+    def on_start(request: gr.Request, *values: Any) -> tuple:
+        session, named, root = by_name(request, values)
+        return start_job(session, named, root)
 
-    def on_preview(*values: Any) -> tuple:
-        return preview(*by_name(values), output_root)
+    def on_resume(request: gr.Request, *values: Any) -> tuple:
+        session, named, root = by_name(request, values)
+        return start_job(session, named, root, resume=True)
 
-    upload.upload(on_upload, [state, upload], [state, widgets["inputs"]], api_name="recaption_upload_zip")
+    def on_preview(request: gr.Request, *values: Any) -> tuple:
+        session, named, root = by_name(request, values)
+        return preview(session, named, root)
+
+    def on_review(current: RecaptionSession | None, folder, only_flagged: bool, request: gr.Request) -> tuple:
+        session, _root = place(request, current)
+        if hosting.shared and folder:
+            datasets = list_datasets(hosting.workspace(request).uploads)
+            if folder not in datasets:
+                raise gr.Error(f"Pick one of your datasets ({', '.join(datasets) or 'none yet'}).")
+            folder = str(datasets[folder])
+        return load_review(session, folder or "", only_flagged)
+
+    def refresh_choices(current, request: gr.Request):
+        return gr.update(choices=list(list_datasets(hosting.workspace(request).uploads)), value=current)
+
+    def on_demo() -> tuple:
+        if hosting.shared:
+            message = "The offline demo backend is selected: its captions are random words, for trying the workflow."
+            return DEMO_RECAPTION_BACKEND, DEMO_MAX_NEW_TOKENS, message
+        return use_demo_model(output_root)
+
+    if hosting.shared:
+        # The dataset lists fill when opened: uploads of an earlier visit (same workspace) show up too.
+        for dropdown in (widgets["inputs"], review_folder):
+            dropdown.focus(
+                refresh_choices, [dropdown], [dropdown], api_visibility="private", queue=False, show_progress="hidden"
+            )
+        upload_outputs = [state, widgets["inputs"], review_folder]
+        demo_outputs = [widgets["backend"], widgets["max_new_tokens"], status]
+    else:
+        upload_outputs = [state, widgets["inputs"]]
+        demo_outputs = [widgets["backend"], widgets["model"], widgets["max_new_tokens"], status]
+    upload.upload(on_upload, [state, upload], upload_outputs, api_name="recaption_upload_zip", preprocess=False)
     preview_button.click(on_preview, settings, [state, preview_text, thumbs], api_name="recaption_preview")
     start_button.click(on_start, settings, [state, status, timer], api_name="recaption_start")
     resume_button.click(on_resume, settings, [state, status, timer], api_name="recaption_resume")
     stop_button.click(stop_job, state, status, api_name="recaption_stop")
-    demo_button.click(
-        lambda: use_demo_model(output_root),
-        None,
-        [widgets["backend"], widgets["model"], widgets["max_new_tokens"], status],
-        api_name="recaption_use_demo_model",
-    )
-    timer.tick(poll_job, state, [status, thumbs, timer, report, histogram], api_name="recaption_poll")
+    demo_button.click(on_demo, None, demo_outputs, api_name="recaption_use_demo_model")
+    # The poll never takes a queue slot: a busy GPU queue must not stall (or refuse) the progress view.
+    timer.tick(poll_job, state, [status, thumbs, timer, report, histogram], api_name="recaption_poll", queue=False)
     review_button.click(
-        load_review,
+        on_review,
         [state, review_folder, flagged_only],
         [state, table, key, report, histogram],
         api_name="recaption_load_review",

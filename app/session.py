@@ -14,6 +14,7 @@ class SessionState:
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.last_seed: int | None = None
+        self.running = False  # a job of this session is on the GPU now
 
     def new_job(self) -> threading.Event:
         """A fresh cancel event for the job being submitted (an old cancel must not stop a new job)."""

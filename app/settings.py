@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.backends import ServerBackends, load_backends
 from lens_core.memory import MEMORY_MODES
 from lens_core.presets import VARIANTS
 from lens_core.rewriter import RewriterSettings
 
 DEFAULT_MODEL = VARIANTS["Lens-Turbo"].repo_ids[0]
 AUTH_ENV = "LENS_AUTH"  # "user:password[,user:password...]": the way to pass secrets without the command line
+PERSONAL, SHARED = "personal", "shared"
+
+
+@dataclass(frozen=True)
+class HostingMode:
+    """`personal`: one trusted person at this machine, who may name server folders and endpoints. `shared`: anyone
+    who reaches the server is a visitor with a workspace of their own, who names no server path, URL or env var."""
+
+    name: str
+    reasons: tuple[str, ...] = ()  # what made it shared
+
+    @property
+    def shared(self) -> bool:
+        return self.name == SHARED
+
+    def banner(self) -> str:
+        """One line for the page."""
+        if not self.shared:
+            return "Mode: **personal** (this machine only: folders and endpoints can be typed in)."
+        return (
+            f"Mode: **shared** ({'; '.join(self.reasons)}): each visitor has a private workspace; endpoints and "
+            "folders are the server's."
+        )
 
 
 @dataclass
@@ -29,6 +55,48 @@ class AppSettings:
     queue_size: int = 32  # jobs waiting beyond this are refused with "queue is full"
     local_files_only: bool = False
     rewriter: RewriterSettings = field(default_factory=RewriterSettings)
+    # Hosting (see app/access.py for how the mode is decided and what `shared` changes).
+    shared: bool = False  # force `shared` even on a loopback address without logins
+    admins: list[str] = field(default_factory=list)  # login names that may change the model in `shared`
+    allow_training: bool = False  # `shared` only: let visitors start training runs
+    shared_gallery: bool = False  # `shared` only: every visitor sees every workspace's images
+    backends_file: Path | None = None  # server-configured recaption / rewriter backends (YAML)
+    upload_limit_bytes: int = 2 * 1024**3  # most bytes one upload may unpack to
+    backends: ServerBackends | None = None  # from backends_file and the rewriter flags (parse_args fills it)
+
+    def hosting_mode(self, environ: Mapping[str, str] | None = None) -> HostingMode:
+        """The one place that decides the mode: `personal` only on a loopback address with no public link, no
+        logins, not on a Space and without --shared; anything else is `shared`."""
+        environ = os.environ if environ is None else environ
+        reasons = []
+        if self.shared:
+            reasons.append("--shared")
+        if self.share:
+            reasons.append("--share (a public link)")
+        if self.auth:
+            reasons.append(f"logins (--auth, --auth-file or {AUTH_ENV})")
+        host = self.host or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+        if not is_loopback(host):
+            reasons.append(f"listening on {host}")
+        if environ.get("SPACE_ID"):
+            reasons.append(f"Hugging Face Space {environ['SPACE_ID']}")
+        return HostingMode(SHARED if reasons else PERSONAL, tuple(reasons))
+
+    def server_backends(self, environ: Mapping[str, str] | None = None) -> ServerBackends:
+        """The configured backends (parsed once by parse_args, or now from the flags and file)."""
+        if self.backends is None:
+            self.backends = load_backends(self.backends_file, self.rewriter, self.hosting_mode(environ).shared)
+        return self.backends
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only (127.0.0.0/8, ::1 or localhost); any other name may be reachable."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_credentials(text: str, origin: str) -> list[tuple[str, str]]:
@@ -72,6 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=RewriterSettings.api_key_env,
         help="Environment variable holding the rewriter's API key ('' for none).",
     )
+    hosting = parser.add_argument_group(
+        "hosting",
+        "The app runs `shared` (a workspace per visitor, server-configured endpoints only) whenever it is reachable "
+        "by others: --share, logins, a non-loopback --host, a Hugging Face Space, or --shared.",
+    )
+    hosting.add_argument("--shared", action="store_true", help="Run in `shared` mode even on 127.0.0.1.")
+    hosting.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="A login that may change the model, variant checkpoint and memory mode in `shared` mode "
+        "(repeat or comma-separate; default none).",
+    )
+    hosting.add_argument(
+        "--allow-training", action="store_true", help="Let visitors of a `shared` server start training runs."
+    )
+    hosting.add_argument(
+        "--shared-gallery", action="store_true", help="In `shared` mode, every visitor sees every visitor's images."
+    )
+    hosting.add_argument(
+        "--backends",
+        default=None,
+        metavar="FILE",
+        help="YAML file naming the recaption and prompt-rewriter endpoints visitors may pick (see README, Hosting).",
+    )
+    hosting.add_argument(
+        "--upload-limit-gb",
+        type=float,
+        default=2.0,
+        help="Most gigabytes (GiB) one upload may hold, unpacked (default 2).",
+    )
     return parser
 
 
@@ -92,9 +192,18 @@ def parse_args(argv: list[str] | None = None) -> AppSettings:
         rewriter = RewriterSettings(
             base_url=args.rewriter_url, model=args.rewriter_model, api_key_env=args.rewriter_key_env
         )
+        admins = [name.strip() for item in args.admin for name in item.split(",") if name.strip()]
+        unknown = sorted(set(admins) - {user for user, _ in auth})
+        if unknown:
+            raise ValueError(f"--admin {', '.join(unknown)}: not a login of --auth / --auth-file / {AUTH_ENV}.")
+        if not 0 < args.upload_limit_gb <= 1024:
+            raise ValueError(f"--upload-limit-gb must be above 0 and at most 1024, got {args.upload_limit_gb}.")
+        backends_file = Path(args.backends) if args.backends else None
+        if backends_file is not None and not backends_file.is_file():
+            raise ValueError(f"--backends {backends_file}: no such file.")
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    return AppSettings(
+    settings = AppSettings(
         model=args.model,
         memory_mode=args.memory_mode,
         output_dir=Path(args.output_dir),
@@ -105,4 +214,15 @@ def parse_args(argv: list[str] | None = None) -> AppSettings:
         queue_size=args.queue_size,
         local_files_only=args.local_files_only,
         rewriter=rewriter,
+        shared=args.shared,
+        admins=admins,
+        allow_training=args.allow_training,
+        shared_gallery=args.shared_gallery,
+        backends_file=backends_file,
+        upload_limit_bytes=int(args.upload_limit_gb * 1024**3),
     )
+    try:
+        settings.server_backends()
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    return settings

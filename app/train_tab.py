@@ -2,24 +2,64 @@
 
 The job is `python -m training.train` in its own process (`training.job.TrainingJob`); this tab only writes the
 config, launches, and tails `progress.jsonl`. The run folder of the session lives in `gr.State`.
+
+On a shared server training is off unless the server runs with `--allow-training`; then a visitor trains on one of
+their uploaded datasets, the base model is the server's, runs live in their workspace, and "More settings" accepts
+only keys that cannot name a file or folder (`shared_setting_keys`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from app.access import Hosting
+from app.uploads import list_datasets
+from app.workspace import WorkspaceError
+from lens_core.engine import list_loras
 from lens_core.presets import TINY_MODEL, VARIANTS
-from training.config import PRESET_ORDER, parse_override
+from training.config import PRESET_ORDER, TrainConfig, parse_override
 from training.job import JobStatus, TrainingJob
 
 logger = logging.getLogger(__name__)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Text-valued config keys that are choices or prompts, never paths. Every other text key (output_dir, model.path,
+# data.path, data.cache_dir, and any added later) is refused in shared mode until it is reviewed and listed here.
+SHARED_TEXT_KEYS = {
+    "model.base_precision",
+    "data.buckets",
+    "data.trigger_word",
+    "adapter.method",
+    "optimizer.name",
+    "optimizer.scheduler",
+    "loop.mixed_precision",
+}
+NOT_FROM_VISITORS = {"preset", "name", "output_dir"}  # set by the tab's own widgets
+
+
+def shared_setting_keys() -> set[str]:
+    """The "More settings" keys a shared server's visitor may set: numbers, booleans and lists of the training config,
+    and the reviewed text keys above; never a key that holds a path."""
+    keys = set()
+
+    def walk(section, prefix: str) -> None:
+        hints = typing.get_type_hints(type(section))
+        for item in dataclasses.fields(section):
+            value, name = getattr(section, item.name), f"{prefix}{item.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{name}.")
+            elif name in SHARED_TEXT_KEYS or str not in typing.get_args(hints[item.name]) + (hints[item.name],):
+                keys.add(name)
+
+    walk(TrainConfig(), "")
+    return keys - NOT_FROM_VISITORS
 
 
 @dataclass
@@ -61,6 +101,18 @@ class TrainRequest:
                 values[key] = value
         return values
 
+    def check_shared(self) -> None:
+        """Refuse "More settings" keys a shared server's visitor may not set (paths, the run's own names)."""
+        allowed = shared_setting_keys()
+        for line in self.extra_settings.splitlines():
+            if line.strip():
+                key, _ = parse_override(line.strip())
+                if key not in allowed:
+                    raise ValueError(
+                        f"{key!r} cannot be set on this shared server (it names a file or folder, or is set by the "
+                        "tab itself); allowed keys are the numbers, switches and choices of the training config."
+                    )
+
 
 def run_folder(output_root: Path, run_name: str) -> Path:
     if not RUN_NAME.match(run_name or ""):
@@ -90,17 +142,24 @@ def _curve(status: JobStatus) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
-def build_train_tab(output_root: Path, engine=None) -> None:
+def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = None) -> None:
     """Build the tab's widgets and events inside the caller's `with gr.Tab("Train"):`."""
     output_root = Path(output_root)
+    hosting = hosting or Hosting.personal(output_root.parent)
     folder_state = gr.State("")
+    # Lens-Base is the natural base; an app running the offline demo model trains that one by default.
+    demo = engine is not None and getattr(engine, "model_label", None) == TINY_MODEL
+    base = TINY_MODEL if demo else VARIANTS["Lens-Base"].repo_ids[0]
+    if hosting.shared and not hosting.allow_training:
+        gr.Markdown("Training is off on this shared server; its admin can allow it with `--allow-training`.")
     with gr.Row():
         with gr.Column(scale=1):
-            dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
-            # Lens-Base is the natural base; an app running the offline demo model trains that one by default.
-            demo = engine is not None and getattr(engine, "model_label", None) == TINY_MODEL
-            base = TINY_MODEL if demo else VARIANTS["Lens-Base"].repo_ids[0]
-            model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
+            if hosting.shared:
+                dataset = gr.Dropdown([], label="Dataset (your uploads, e.g. from the Recaption tab)")
+                model = gr.Textbox(label="Base model (the server's)", value=base, interactive=False)
+            else:
+                dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
+                model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
             preset = gr.Dropdown(list(PRESET_ORDER), value="16gb", label="Card preset")
             run_name = gr.Textbox(label="Run name", value="my-lora")
             with gr.Row():
@@ -149,11 +208,30 @@ def build_train_tab(output_root: Path, engine=None) -> None:
             job_status.outputs.get("diffusers", ""),
         )
 
-    def on_start(*values):
-        request = TrainRequest(*values)
+    def runs_root(request: gr.Request | None) -> Path:
+        return hosting.workspace(request).training if hosting.shared else output_root
+
+    def checked_request(values: tuple, request: gr.Request | None) -> TrainRequest:
+        """The widgets as a request; in shared mode the dataset is one of the caller's uploads and the base model
+        is the server's, whatever the client sent."""
+        train = TrainRequest(*values)
+        run_folder(runs_root(request), train.run_name)  # a bad name is the first thing to report
+        if not hosting.shared:
+            if train.dataset.strip() and not Path(train.dataset.strip()).exists():
+                raise ValueError(f"The dataset {train.dataset.strip()!r} does not exist.")
+            return train
+        train.check_shared()
+        datasets = list_datasets(hosting.workspace(request).uploads)
+        if train.dataset not in datasets:
+            raise ValueError(f"Pick one of your uploaded datasets ({', '.join(datasets) or 'none yet'}).")
+        return dataclasses.replace(train, dataset=str(datasets[train.dataset]), model=base)
+
+    def on_start(request: gr.Request, *values):
+        hosting.require_training()
         try:
-            folder = run_folder(output_root, request.run_name)
-            TrainingJob(folder).start({}, request.overrides())
+            train = checked_request(values, request)
+            folder = run_folder(runs_root(request), train.run_name)
+            TrainingJob(folder).start({}, train.overrides())
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return (str(folder), *refresh(str(folder)))
@@ -163,20 +241,35 @@ def build_train_tab(output_root: Path, engine=None) -> None:
             raise gr.Error("No training process is running for this session.")
         return refresh(folder)
 
-    def on_resume(run: str, folder: str):
+    def on_resume(run: str, folder: str, request: gr.Request):
+        hosting.require_training()
         try:
-            folder = folder or str(run_folder(output_root, run))
+            folder = folder or str(run_folder(runs_root(request), run))
             TrainingJob(folder).resume()
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return (folder, *refresh(folder))
 
-    def on_load(path: str):
+    def on_load(path: str, request: gr.Request):
         if not path:
             raise gr.Error("No finished LoRA yet: it appears here when the run is done.")
+        if hosting.shared:
+            # Only a LoRA of the caller's own runs: the text box's value comes from the client.
+            workspace = hosting.workspace(request)
+            try:
+                resolved = workspace.resolve(path)
+            except WorkspaceError as error:
+                raise gr.Error(str(error)) from None
+            offered = {file.resolve() for file in list_loras(hosting.output_dir, workspace.root).values()}
+            if resolved not in offered:
+                raise gr.Error("That is not a finished LoRA of your training runs.")
         if engine is None:
             return f"The LoRA is at `{path}`; no generation engine is running in this app."
-        engine.set_loras([(path, 1.0)])
+        workspace_root = hosting.workspace(request).root
+        try:
+            engine.set_loras([(path, 1.0)], workspace_root)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
         return f"Loaded `{Path(path).name}` in the Generate tab (weight 1.0)."
 
     views = [status, curve, samples, lora_path]
@@ -185,5 +278,12 @@ def build_train_tab(output_root: Path, engine=None) -> None:
     resume.click(on_resume, [run_name, folder_state], [folder_state, *views], api_name="train_resume")
     load.click(on_load, lora_path, load_message, api_name="train_load_lora")
     refresh_button = gr.Button("Refresh", size="sm")
-    refresh_button.click(refresh, folder_state, views, api_name="train_status")
-    gr.Timer(3.0).tick(refresh, folder_state, views, api_visibility="private")
+    refresh_button.click(refresh, folder_state, views, api_name="train_status", queue=False)
+    # The poll never takes a queue slot: a busy GPU queue must not refuse (or delay) an idle page's refresh.
+    gr.Timer(3.0).tick(refresh, folder_state, views, api_visibility="private", queue=False, show_progress="hidden")
+    if hosting.shared:
+
+        def dataset_choices(current, request: gr.Request):
+            return gr.update(choices=list(list_datasets(hosting.workspace(request).uploads)), value=current)
+
+        dataset.focus(dataset_choices, dataset, dataset, api_visibility="private", queue=False, show_progress="hidden")

@@ -1,14 +1,19 @@
-"""The top-level page: the model status banner and the tabs. `build_ui` builds it; `launch_options` says how to serve
-it. The engine is built once in `main()` and handed to every tab builder."""
+"""The top-level page: the model status banner, the hosting mode, the queue line and the tabs. `build_ui` builds it;
+`launch_options` says how to serve it. The engine is built once in `main()` and handed to every tab builder, with the
+`Hosting` policy that says whose workspace a request belongs to and what it may do."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
+from app.access import Hosting
 from app.gallery_tab import build_gallery_tab
 from app.generate_tab import GPU_QUEUE, build_generate_tab, user_error
+from app.input_types import enforce_input_types
+from app.login_throttle import LoginThrottle, LoginThrottleMiddleware
 from app.recaption_tab import build_recaption_tab
 from app.settings import AppSettings
 from app.train_tab import build_train_tab
@@ -16,6 +21,11 @@ from lens_core.engine import TINY_MODEL, LensEngine
 from lens_core.loading import CheckpointError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+STATUS_POLL_S = 1.0  # while the model loads
+QUEUE_POLL_S = 2.0  # the "N jobs ahead of you" line
+# Gradio's temporary copies (uploads, images shown on the page): every 10 minutes, delete those older than an hour.
+DELETE_CACHE = (600, 3600)
+BROWSER_ID_KEY = "lens-studio-workspace"  # localStorage key of an anonymous visitor's signed workspace id
 
 
 def _status_outputs(engine: LensEngine) -> tuple:
@@ -23,56 +33,100 @@ def _status_outputs(engine: LensEngine) -> tuple:
     return engine.status_text(), gr.update(visible=not engine.ready and not loading), gr.Timer(active=loading)
 
 
-def _build_status_banner(engine: LensEngine) -> None:
+def _build_status_banner(engine: LensEngine, hosting: Hosting) -> None:
     banner = gr.Markdown(engine.status_text(), elem_id="model-status")
+    gr.Markdown(hosting.mode.banner(), elem_id="hosting-mode")
+    queue_line = gr.Markdown("", elem_id="queue-line")
     with gr.Row():
         demo_button = gr.Button(
             "Use the tiny random demo model", variant="primary", size="sm", visible=False, elem_id="demo-model-btn"
         )
-    timer = gr.Timer(1.0, active=True)
+    timer = gr.Timer(STATUS_POLL_S, active=True)
+    queue_timer = gr.Timer(QUEUE_POLL_S, active=True)
 
-    def use_demo_model() -> tuple:
+    def use_demo_model(request: gr.Request) -> tuple:
+        hosting.require_admin(request, "Loading the demo model")
         try:
             engine.load(TINY_MODEL)
         except (CheckpointError, OSError, ValueError) as error:
             raise user_error(error) from None
         return _status_outputs(engine)
 
+    def queue_status(request: gr.Request) -> str:
+        return hosting.queue.line_for(getattr(request, "session_hash", None), GPU_QUEUE)
+
     outputs = [banner, demo_button, timer]
-    timer.tick(lambda: _status_outputs(engine), None, outputs, api_visibility="private", show_progress="hidden")
+    # Polling never takes a queue slot (queue=False): a full GPU queue must not refuse or delay the page's status.
+    timer.tick(
+        lambda: _status_outputs(engine),
+        None,
+        outputs,
+        api_visibility="private",
+        show_progress="hidden",
+        queue=False,
+    )
+    queue_timer.tick(queue_status, None, queue_line, api_visibility="private", show_progress="hidden", queue=False)
     demo_button.click(
         use_demo_model, None, outputs, api_name="load_demo_model", concurrency_id=GPU_QUEUE, concurrency_limit=1
     )
-    gr.api(engine.status_text, api_name="model_status")
+    gr.api(engine.status_text, api_name="model_status", queue=False)
 
 
-def build_ui(engine: LensEngine, settings: AppSettings) -> gr.Blocks:
+def _remember_anonymous_workspace(hosting: Hosting, demo: gr.Blocks) -> None:
+    """Shared mode without a login: the browser keeps its workspace id (signed by the server) in localStorage, so a
+    reload finds the same gallery and runs; a forged or foreign id is replaced, never trusted."""
+    if not hosting.shared:
+        return
+    browser_id = gr.BrowserState(None, storage_key=BROWSER_ID_KEY)
+
+    def adopt(token, request: gr.Request):
+        if getattr(request, "username", None):
+            return gr.skip()  # a login names the workspace
+        return hosting.workspaces.adopt(getattr(request, "session_hash", None), token)
+
+    demo.load(adopt, [browser_id], [browser_id], api_visibility="private", queue=False, show_progress="hidden")
+
+
+def build_ui(engine: LensEngine, settings: AppSettings, hosting: Hosting | None = None) -> gr.Blocks:
     """The whole app as a `gr.Blocks` (not launched)."""
-    with gr.Blocks(title="Lens studio") as demo:
+    hosting = hosting or Hosting.from_settings(settings)
+    with gr.Blocks(title="Lens studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# Lens studio\nText to image with Microsoft's Lens.", elem_id="title")
-        _build_status_banner(engine)
+        _build_status_banner(engine, hosting)
+        _remember_anonymous_workspace(hosting, demo)
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
-                generate_tab = build_generate_tab(engine, settings)
+                generate_tab = build_generate_tab(engine, settings, hosting)
             with gr.Tab("Gallery", id="gallery") as gallery_tab:
-                build_gallery_tab(engine, generate_tab, tabs, gallery_tab)
+                build_gallery_tab(engine, generate_tab, tabs, gallery_tab, hosting)
             with gr.Tab("Recaption", id="recaption"):
-                build_recaption_tab(settings.output_dir / "recaption")
+                build_recaption_tab(settings.output_dir / "recaption", hosting)
             with gr.Tab("Train", id="train"):
-                build_train_tab(settings.output_dir / "training", engine)
+                build_train_tab(settings.output_dir / "training", engine, hosting)
+    hosting.queue.attach(demo)
+    enforce_input_types(demo)
     return demo
 
 
-def launch_options(settings: AppSettings) -> dict:
+def launch_options(settings: AppSettings, hosting: Hosting | None = None) -> dict:
     """Keyword arguments for `demo.launch`."""
-    images = settings.output_dir / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    return {
+    hosting = hosting or Hosting.from_settings(settings)
+    options = {
         "server_name": settings.host,
         "server_port": settings.port,
         "share": settings.share,
         "auth": settings.auth or None,
-        "allowed_paths": [str(images.resolve())],
         "css_paths": [ASSETS / "style.css"],
         "theme": gr.themes.Soft(primary_hue="indigo"),
+        "max_file_size": hosting.upload_limits.max_total_bytes,
+        "show_error": False,  # only gr.Error messages reach the page: no stack traces or server paths
     }
+    if not hosting.shared:
+        # Personal mode: the gallery folder may be linked directly. Shared mode serves images only through the
+        # events that return them to their owner (Gradio's temporary copies, removed after an hour).
+        images = settings.output_dir / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        options["allowed_paths"] = [str(images.resolve())]
+    if settings.auth:
+        options["app_kwargs"] = {"middleware": [Middleware(LoginThrottleMiddleware, throttle=LoginThrottle())]}
+    return options

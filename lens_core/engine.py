@@ -38,11 +38,17 @@ MAX_BATCH_COUNT = 16
 MAX_BATCH_SIZE = 8
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
+MAX_NEGATIVE_PROMPT_CHARS = MAX_PROMPT_CHARS
 IMAGES_SUBDIR = "images"
 
 
 class GenerationCancelled(Exception):
-    """The job's cancel event was set; nothing was saved."""
+    """The job's cancel event was set. Batches that finished before it are saved: `saved` lists their files, and
+    the message says how many of the job's images that is."""
+
+    def __init__(self, message: str, saved: list[Path] | None = None):
+        super().__init__(message)
+        self.saved = list(saved or [])
 
 
 class EngineNotReady(RuntimeError):
@@ -83,6 +89,11 @@ class GenerationRequest:
             raise ValueError(f"The prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be text, got {self.negative_prompt!r}.")
+        if len(self.negative_prompt) > MAX_NEGATIVE_PROMPT_CHARS:
+            raise ValueError(
+                f"The negative prompt has {len(self.negative_prompt)} characters; the limit is "
+                f"{MAX_NEGATIVE_PROMPT_CHARS}."
+            )
         self.variant = get_variant(str(self.variant)).name
         for name, value in (("width", self.width), ("height", self.height)):
             _check_int(name, value, MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)
@@ -108,6 +119,13 @@ class GenerationRequest:
             _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        if self.seed is not None and self.seed + self.total_images - 1 > MAX_SEED:
+            # Image i uses seed + i: past MAX_SEED a saved seed would not reproduce its image.
+            raise ValueError(
+                f"seed {self.seed} with {self.total_images} images would need seeds up to "
+                f"{self.seed + self.total_images - 1}; the largest seed is {MAX_SEED}, so for this job the seed "
+                f"can be at most {MAX_SEED - self.total_images + 1}."
+            )
         _check_int("preview_every", self.preview_every, 0, MAX_STEPS)
         for item in self.loras:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
@@ -119,6 +137,21 @@ class GenerationRequest:
     @property
     def total_images(self) -> int:
         return self.batch_count * self.batch_size
+
+    @classmethod
+    def from_image_settings(cls, settings: ImageSettings) -> GenerationRequest:
+        """The one-image request that reproduces `settings` (restored from a PNG), checked by the same rules as
+        every request; raises ValueError naming the first value `/generate` would refuse."""
+        return cls(
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt,
+            variant=settings.variant or "Lens",
+            width=settings.width,
+            height=settings.height,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            seed=settings.seed,
+        )
 
 
 @dataclass
@@ -172,7 +205,9 @@ def latent_preview(tokens: torch.Tensor, height_tokens: int, width_tokens: int, 
 
 
 def safe_image_path(output_dir: Path, stem: str) -> Path:
-    """`output_dir/images/<stem>.png` with `stem` reduced to [a-z0-9-_]; raises if the result would leave the folder."""
+    """`output_dir/images/<stem>.png` with `stem` reduced to [a-z0-9-_]; raises if the result would leave the folder.
+
+    `output_dir` is the app's output folder or, on a shared server, the caller's workspace."""
     cleaned = re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-_")[:80] or "image"
     folder = (Path(output_dir) / IMAGES_SUBDIR).resolve()
     path = (folder / f"{cleaned}.png").resolve()
@@ -189,17 +224,19 @@ def estimate_gpu_seconds(num_inference_steps: int, width: int, height: int, imag
     return int(min(300, 15 + 2 * per_step * num_inference_steps * images + 2 * images))
 
 
-def list_loras(output_dir: Path) -> dict[str, Path]:
-    """LoRAs the app offers, by name relative to the output folder (the name is what requests carry, so an API caller
-    cannot point at other files): any `*.safetensors` under `<output_dir>/loras/` (ours, ComfyUI or kohya files), and
-    the finished LoRAs of training runs under `<output_dir>/training/` (diffusers keys; their exports are the same
-    weights)."""
+def list_loras(output_dir: Path, workspace: Path | None = None) -> dict[str, Path]:
+    """LoRAs the app offers, by name (the name is what requests carry, so an API caller cannot point at other files):
+    any `*.safetensors` under `<output_dir>/loras/` (ours, ComfyUI or kohya files; the server's, offered to everyone)
+    as `loras/...`, and the finished LoRAs of training runs under `<workspace>/training/` (diffusers keys; their
+    exports are the same weights) as `training/...`. `workspace` defaults to `output_dir`; on a shared server it is
+    the caller's own folder, so one visitor never sees another's runs."""
     from .lora import list_loras as list_lora_files
 
-    root = Path(output_dir)
-    found = sorted(root.glob("loras/**/*.safetensors"))
-    found += sorted(info.path for info in list_lora_files(root / "training", key_format="diffusers"))
-    return {path.relative_to(root).as_posix(): path for path in found}
+    root, workspace = Path(output_dir), Path(workspace if workspace is not None else output_dir)
+    offered = {path.relative_to(root).as_posix(): path for path in sorted(root.glob("loras/**/*.safetensors"))}
+    for info in sorted(list_lora_files(workspace / "training", key_format="diffusers"), key=lambda info: info.path):
+        offered[info.path.relative_to(workspace).as_posix()] = info.path
+    return offered
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,6 +276,7 @@ class LensEngine:
         self.status = "not loaded"  # "loading", "ready" or "error"
         self.load_error: str | None = None
         self.loras: list[tuple[str, float]] = []
+        self._lora_files: list[tuple[Path, float]] = []  # what is loaded: names differ per workspace, files do not
         self._file_counter = 0
         self._local_rewriter = None  # LocalGptOssRewriter, loaded on first use
 
@@ -293,7 +331,7 @@ class LensEngine:
                 self._set_failed(model, error)
                 raise
             self._release_pipe()
-            self.pipe, self.status, self.load_error, self.loras = pipe, "ready", None, []
+            self.pipe, self.status, self.load_error, self.loras, self._lora_files = pipe, "ready", None, [], []
             logger.info("Loaded %s (%s) with memory mode %s", model, pipe.variant_preset.name, pipe.memory_mode)
 
     def _set_failed(self, model: str, error: Exception) -> None:
@@ -350,10 +388,12 @@ class LensEngine:
             raise EngineNotReady(self.status_text())
         return self.pipe
 
-    def set_variant(self, variant: str) -> VariantPreset:
+    def set_variant(self, variant: str, allow_reload: bool = True) -> VariantPreset:
         """Use `variant`'s presets; for a Hub model of another variant, load that variant's checkpoint (same lock).
 
-        A local folder or the tiny model has one checkpoint, so only the presets change there."""
+        A local folder or the tiny model has one checkpoint, so only the presets change there. Loading another
+        checkpoint changes the model for every user; with `allow_reload=False` (a shared server's visitor) that is
+        refused with a ValueError instead."""
         from .presets import variant_for_repo_id
 
         preset = get_variant(variant)
@@ -362,6 +402,12 @@ class LensEngine:
             if pipe.variant_preset.name == preset.name:
                 return preset
             if variant_for_repo_id(self.model_label) is not None:
+                if not allow_reload:
+                    current = pipe.variant_preset.name
+                    raise ValueError(
+                        f"This server runs {current}; {preset.name} is another checkpoint, and loading it would "
+                        f"change the model for everyone, which only an admin can do. Choose variant {current}."
+                    )
                 self.load(preset.repo_ids[0], preset.name)
             else:
                 pipe.variant_preset = preset
@@ -386,30 +432,33 @@ class LensEngine:
                 raise
             return self.pipe.memory_mode
 
-    def set_loras(self, loras: list[tuple[str, float]]) -> None:
-        """Activate exactly these LoRAs: (name from `list_loras`, weight). An empty list removes all."""
+    def set_loras(self, loras: list[tuple[str, float]], workspace: Path | None = None) -> None:
+        """Activate exactly these LoRAs: (name from `list_loras(output_dir, workspace)`, weight). An empty list
+        removes all."""
         with self.lock:
             pipe = self._require_pipe()
-            available = list_loras(self.config.output_dir)
+            available = list_loras(self.config.output_dir, workspace)
             # A path to one of the offered files (e.g. from the Train tab) is accepted as its name.
             by_path = {path.resolve(): name for name, path in available.items()}
             wanted = [(by_path.get(Path(name).resolve(), name), float(weight)) for name, weight in loras]
-            if wanted == self.loras:
-                return
             unknown = [name for name, _ in wanted if name not in available]
             if unknown:
                 raise ValueError(f"Unknown LoRA {unknown[0]!r}; available: {sorted(available) or 'none'}.")
+            files = [(available[name].resolve(), weight) for name, weight in wanted]
+            if files == self._lora_files:
+                self.loras = wanted
+                return
             missing = [m for m in ("load_lora_weights", "unload_lora_weights") if not hasattr(pipe, m)]
             if missing:
                 raise ValueError(f"LoRA support not installed: this LensPipeline has no {', '.join(missing)}.")
             pipe.unload_lora_weights()
-            self.loras = []
+            self.loras, self._lora_files = [], []
             adapters = [f"lora_{index}" for index in range(len(wanted))]
             for adapter, (name, weight) in zip(adapters, wanted, strict=True):
                 pipe.load_lora_weights(available[name], adapter_name=adapter, weight=weight)
             if adapters and hasattr(pipe, "set_adapters"):
                 pipe.set_adapters(adapters, adapter_weights=[weight for _, weight in wanted])
-            self.loras = wanted
+            self.loras, self._lora_files = wanted, files
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
@@ -418,15 +467,22 @@ class LensEngine:
         request: GenerationRequest,
         on_progress: Callable[[ProgressEvent], None] | None = None,
         cancel_event: threading.Event | None = None,
+        *,
+        workspace: Path | None = None,
+        allow_model_reload: bool = True,
     ) -> GenerationResult:
-        """Run `request` under the lock and save every image. `cancel_event` (the caller's own) stops this job at
-        the next step; then nothing is saved and `GenerationCancelled` is raised."""
+        """Run `request` under the lock and save every image into `<workspace>/images` (default: the output folder).
+
+        `cancel_event` (the caller's own) stops this job at the next step and raises `GenerationCancelled`; batches
+        finished before stay saved and the error counts them. LoRA names resolve in `workspace` (see `list_loras`).
+        `allow_model_reload=False` refuses a variant that needs another checkpoint (see `set_variant`)."""
+        workspace = Path(workspace if workspace is not None else self.config.output_dir)
         with self.lock:
             self._require_pipe()
             if cancel_event is not None and cancel_event.is_set():
-                raise GenerationCancelled("Cancelled before it started.")
-            preset = self.set_variant(request.variant)
-            self.set_loras(list(request.loras))
+                raise GenerationCancelled("Cancelled before it started; nothing was saved.")
+            preset = self.set_variant(request.variant, allow_reload=allow_model_reload)
+            self.set_loras(list(request.loras), workspace)
             steps = request.num_inference_steps or preset.num_inference_steps
             guidance = preset.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
             seed = random.randrange(MAX_SEED - request.total_images) if request.seed is None else request.seed
@@ -434,15 +490,23 @@ class LensEngine:
             paths, settings = [], []
             for batch in range(request.batch_count):
                 seeds = [seed + batch * request.batch_size + i for i in range(request.batch_size)]
-                images = run_with_oom_guard(
-                    lambda seeds=seeds, batch=batch: self._run_batch(
-                        request, steps, guidance, seeds, batch, start, on_progress, cancel_event
-                    ),
-                    self.pipe.memory_mode,
-                )
+                try:
+                    images = run_with_oom_guard(
+                        lambda seeds=seeds, batch=batch: self._run_batch(
+                            request, steps, guidance, seeds, batch, start, on_progress, cancel_event
+                        ),
+                        self.pipe.memory_mode,
+                    )
+                except GenerationCancelled:
+                    saved = (
+                        f"{len(paths)} of {request.total_images} images were saved" if paths else "nothing was saved"
+                    )
+                    raise GenerationCancelled(
+                        f"Cancelled during batch {batch + 1} of {request.batch_count}; {saved}.", paths
+                    ) from None
                 for image, image_seed in zip(images, seeds, strict=True):
                     setting = self._settings_for(request, steps, guidance, image_seed)
-                    paths.append(self._save(image, setting))
+                    paths.append(self._save(image, setting, workspace))
                     settings.append(setting)
             return GenerationResult(paths, settings, seed, time.monotonic() - start)
 
@@ -477,9 +541,7 @@ class LensEngine:
             callback_on_step_end=on_step,
         )
         if cancel_event is not None and cancel_event.is_set():
-            raise GenerationCancelled(
-                f"Cancelled during batch {batch + 1} of {request.batch_count}; nothing was saved."
-            )
+            raise GenerationCancelled(f"Cancelled during batch {batch + 1} of {request.batch_count}.")
         return output.images
 
     def _settings_for(self, request: GenerationRequest, steps: int, guidance: float, seed: int) -> ImageSettings:
@@ -499,16 +561,16 @@ class LensEngine:
             memory_mode=getattr(self.pipe, "memory_mode", None),
         )
 
-    def _save(self, image, settings: ImageSettings) -> Path:
+    def _save(self, image, settings: ImageSettings, workspace: Path) -> Path:
         # Called under the lock, so the counter makes names unique even within one second.
         self._file_counter += 1
         words = "-".join(re.findall(r"[a-z0-9]+", settings.prompt.lower())[:6])
         stem = f"{datetime.now():%Y%m%d-%H%M%S}-{self._file_counter:04d}-{settings.seed}-{words}"
-        path = safe_image_path(self.config.output_dir, stem)
+        path = safe_image_path(workspace, stem)
         path.parent.mkdir(parents=True, exist_ok=True)
         while path.exists():  # another app process writing to the same folder
             self._file_counter += 1
-            path = safe_image_path(self.config.output_dir, f"{stem}-{self._file_counter}")
+            path = safe_image_path(workspace, f"{stem}-{self._file_counter}")
         return save_png(image, path, settings)
 
     # ---- prompt rewriting ----------------------------------------------------------------------------------------

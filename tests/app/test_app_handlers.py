@@ -66,16 +66,18 @@ def test_streaming_yields_progress_then_result_and_cancels_when_closed(tiny_chec
 
 
 def test_zero_gpu_reservations():
-    from app.generate_tab import _api_gpu_seconds
+    from app.generate_tab import _gpu_seconds, api_request
     from app.session import gpu_task
 
     def handler():
         return 1
 
+    def seconds(*args) -> int:
+        return _gpu_seconds(api_request(*args, []))
+
     assert gpu_task(lambda *args: 10)(handler) is handler  # no `spaces` package: unchanged
-    default_steps = _api_gpu_seconds("p", "", 1024, 1024, -1, -1, -1, "Lens", 1, 1)
-    assert default_steps > _api_gpu_seconds("p", "", 1024, 1024, 4, 1.0, -1, "Lens-Turbo", 1, 1)
-    assert _api_gpu_seconds("p", "", 1024, 1024, 20, 5.0, -1, "Lens", 2, 2) > _api_gpu_seconds(
+    default_steps = seconds("p", "", 1024, 1024, -1, -1, -1, "Lens", 1, 1)
+    assert default_steps > seconds("p", "", 1024, 1024, 4, 1.0, -1, "Lens-Turbo", 1, 1)
+    assert seconds("p", "", 1024, 1024, 20, 5.0, -1, "Lens", 2, 2) > seconds(
         "p", "", 1024, 1024, 20, 5.0, -1, "Lens", 1, 1
     )
-    assert _api_gpu_seconds("p", "", "wide", 1024, 20, 5.0, -1, "Lens", 1, 1) == 30

@@ -160,8 +160,9 @@ class RecaptionConfig:
             raise ValueError(f"target_words={self.target_words!r} must be between 1 and 1000")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit={self.limit!r} must be >= 0")
-        # Do not echo the value: a user who pasted the key itself here must not see it printed back into logs.
-        if not _ENV_NAME.fullmatch(self.api_key_env or ""):
+        # "" means no key (a local server). Do not echo the value: a user who pasted the key itself here must not
+        # see it printed back into logs.
+        if self.api_key_env and not _ENV_NAME.fullmatch(self.api_key_env):
             raise ValueError(
                 "api_key_env must be the NAME of an environment variable (letters, digits, _), not the key itself"
             )
