@@ -8,7 +8,7 @@ import logging
 
 from app.access import Hosting
 from app.settings import parse_args
-from app.ui import build_ui, launch_options
+from app.ui import build_ui, launch_options, queue_options
 from lens_core.engine import EngineConfig, LensEngine
 
 
@@ -24,8 +24,9 @@ def main() -> None:
     engine = LensEngine(config)  # owns the pipeline, the GPU lock and the text-feature cache
     engine.load_in_background()
     hosting = Hosting.from_settings(settings)  # personal or shared: whose workspace, who may change the model
+    logging.getLogger("app").info("%s", hosting.mode.banner())
     demo = build_ui(engine, settings, hosting)
-    demo.queue(max_size=settings.queue_size).launch(**launch_options(settings, hosting))
+    demo.queue(**queue_options(settings, hosting)).launch(**launch_options(settings, hosting))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def result_summary(result: GenerationResult) -> dict:
 
 def user_error(error: Exception) -> gr.Error:
     """A `gr.Error` for mistakes the user can fix (bad values, missing model, rewriter failures)."""
-    return gr.Error(str(error), title="Cannot do that")
+    return gr.Error(str(error), title="Cannot do that", print_exception=False)
 
 
 @dataclass

@@ -10,9 +10,11 @@ page, so components added later are covered without touching their tab's code.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 
 import gradio as gr
+import pydantic
 
 
 def _shown(value) -> str:
@@ -30,7 +32,9 @@ def _is_number(value) -> bool:
 
 def _refuse(component, value, expected: str) -> None:
     raise gr.Error(
-        f"{_name(component)} must be {expected}, got {_shown(value)} ({type(value).__name__}).", title="Wrong type"
+        f"{_name(component)} must be {expected}, got {_shown(value)} ({type(value).__name__}).",
+        title="Wrong type",
+        print_exception=False,
     )
 
 
@@ -75,7 +79,40 @@ CHECKS = {
     gr.Radio: _check_choice,
     gr.Dropdown: _check_choice,
     gr.CheckboxGroup: _check_choices,
+    gr.File: lambda component, value: None,  # checked by its data model, see _checked_file_model
 }
+
+
+@functools.cache
+def _checked_file_model(model: type, name: str) -> type:
+    """`model` (Gradio's FileData / ListFiles) whose validation failure is a `gr.Error` naming the field. Gradio
+    validates file payloads before any preprocess runs, so this is where a wrong-typed file parameter is caught."""
+
+    def model_validate(cls, payload, *args, **kwargs):
+        try:
+            return model.model_validate(payload, *args, **kwargs)
+        except pydantic.ValidationError:
+            raise gr.Error(
+                f"{name} must be a file uploaded to this app (gradio_client: handle_file(path)), got "
+                f"{_shown(payload)} ({type(payload).__name__}).",
+                title="Wrong type",
+                print_exception=False,
+            ) from None
+
+    namespace = {"model_validate": classmethod(model_validate), "__module__": model.__module__}
+    return type(model.__name__, (model,), namespace)
+
+
+def _file_model_property() -> property:
+    # gr.File sets `self.data_model` in __init__; this property keeps that value and hands out the checked model.
+    def get(self):
+        model = self.__dict__.get("_unchecked_data_model", self.__dict__.get("data_model"))
+        return None if model is None else _checked_file_model(model, _name(self))
+
+    def set(self, model) -> None:
+        self.__dict__["_unchecked_data_model"] = model
+
+    return property(get, set)
 
 
 def _strict_class(base: type, check) -> type:
@@ -87,6 +124,8 @@ def _strict_class(base: type, check) -> type:
     # is made by ABCMeta, the base of Gradio's ComponentMeta, because ComponentMeta would also write a `.pyi` stub
     # next to this file (its custom-component tooling); the events are inherited from `base` unchanged.
     namespace = {"is_template": True, "preprocess": preprocess, "__module__": __name__, "__doc__": base.__doc__}
+    if base is gr.File:
+        namespace["data_model"] = _file_model_property()
     return abc.ABCMeta.__new__(type(base), f"Typed{base.__name__}", (base,), namespace)
 
 

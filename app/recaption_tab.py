@@ -384,7 +384,7 @@ def _dataset_widgets(hosting: Hosting, widgets: dict) -> gr.File:
     upload_types = [".zip", *IMAGE_SUFFIXES, ".txt", ".jsonl"]
     with gr.Row():
         if hosting.shared:
-            widgets["inputs"] = gr.Dropdown([], label="Dataset (your uploads)", scale=3)
+            widgets["inputs"] = gr.Dropdown([], label="Dataset (your uploads)", allow_custom_value=True, scale=3)
         else:
             widgets["inputs"] = gr.Textbox(label="Dataset folder", placeholder="/data/my_images", scale=3)
         limit = f"{hosting.upload_limits.max_total_bytes / 1024**3:.0f} GiB"
@@ -498,7 +498,9 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
     with gr.Accordion("Review and statistics", open=True):
         with gr.Row():
             if hosting.shared:
-                review_folder = gr.Dropdown([], label="Dataset to review (empty: this session's run)", scale=3)
+                review_folder = gr.Dropdown(
+                    [], label="Dataset to review (empty: this session's run)", allow_custom_value=True, scale=3
+                )
             else:
                 review_folder = gr.Textbox(label="Output folder to review (empty: this session's run)", scale=3)
             flagged_only = gr.Checkbox(label="Only flagged captions", scale=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ import pandas as pd
 
 from app.access import Hosting
 from app.uploads import list_datasets
-from app.workspace import WorkspaceError
 from lens_core.engine import list_loras
 from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_ORDER, TrainConfig, parse_override
@@ -76,6 +76,12 @@ class TrainRequest:
     trigger_word: str
     sample_prompts: str
     extra_settings: str
+
+    def __post_init__(self) -> None:
+        # An empty text box arrives as None from API callers: it means "".
+        for name in ("dataset", "model", "run_name", "trigger_word", "sample_prompts", "extra_settings"):
+            if getattr(self, name) is None:
+                setattr(self, name, "")
 
     def overrides(self) -> dict:
         """Dotted config overrides; `extra_settings` holds one key=value per line."""
@@ -155,7 +161,9 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
     with gr.Row():
         with gr.Column(scale=1):
             if hosting.shared:
-                dataset = gr.Dropdown([], label="Dataset (your uploads, e.g. from the Recaption tab)")
+                dataset = gr.Dropdown(
+                    [], label="Dataset (your uploads, e.g. from the Recaption tab)", allow_custom_value=True
+                )
                 model = gr.Textbox(label="Base model (the server's)", value=base, interactive=False)
             else:
                 dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
@@ -201,12 +209,11 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
         if not folder:
             return "No run yet.", _curve(JobStatus("not started")), [], ""
         job_status = TrainingJob(folder).status()
-        return (
-            _status_markdown(Path(folder), job_status),
-            _curve(job_status),
-            job_status.samples,
-            job_status.outputs.get("diffusers", ""),
-        )
+        lora = job_status.outputs.get("diffusers", "")
+        if hosting.shared and lora:
+            # The LoRA's name in the caller's workspace (training/<run>/...), as the Generate tab lists it.
+            lora = (Path("training") / Path(os.path.relpath(lora, Path(folder).parent))).as_posix()
+        return _status_markdown(Path(folder), job_status), _curve(job_status), job_status.samples, lora
 
     def runs_root(request: gr.Request | None) -> Path:
         return hosting.workspace(request).training if hosting.shared else output_root
@@ -221,6 +228,8 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
                 raise ValueError(f"The dataset {train.dataset.strip()!r} does not exist.")
             return train
         train.check_shared()
+        if train.model.strip() not in ("", base):
+            raise ValueError(f"The base model is the server's ({base}); it cannot be changed on this shared server.")
         datasets = list_datasets(hosting.workspace(request).uploads)
         if train.dataset not in datasets:
             raise ValueError(f"Pick one of your uploaded datasets ({', '.join(datasets) or 'none yet'}).")
@@ -254,15 +263,10 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
         if not path:
             raise gr.Error("No finished LoRA yet: it appears here when the run is done.")
         if hosting.shared:
-            # Only a LoRA of the caller's own runs: the text box's value comes from the client.
-            workspace = hosting.workspace(request)
-            try:
-                resolved = workspace.resolve(path)
-            except WorkspaceError as error:
-                raise gr.Error(str(error)) from None
-            offered = {file.resolve() for file in list_loras(hosting.output_dir, workspace.root).values()}
-            if resolved not in offered:
-                raise gr.Error("That is not a finished LoRA of your training runs.")
+            # A LoRA name the Generate tab offers this caller (the text box's value comes from the client).
+            offered = list_loras(hosting.output_dir, hosting.workspace(request).root)
+            if path not in offered:
+                raise gr.Error(f"{path!r} is not one of your LoRAs; yours: {sorted(offered) or 'none yet'}.")
         if engine is None:
             return f"The LoRA is at `{path}`; no generation engine is running in this app."
         workspace_root = hosting.workspace(request).root

@@ -108,6 +108,12 @@ def build_ui(engine: LensEngine, settings: AppSettings, hosting: Hosting | None 
     return demo
 
 
+def queue_options(settings: AppSettings, hosting: Hosting) -> dict:
+    """Keyword arguments for `demo.queue`. Shared mode closes the direct REST routes (`/run/<api_name>`) of queued
+    events, which would otherwise skip the queue, its size limit and the GPU's concurrency group."""
+    return {"max_size": settings.queue_size, "api_open": not hosting.shared}
+
+
 def launch_options(settings: AppSettings, hosting: Hosting | None = None) -> dict:
     """Keyword arguments for `demo.launch`."""
     hosting = hosting or Hosting.from_settings(settings)

@@ -1,4 +1,4 @@
-"""Start `python app.py` in a subprocess for the app tests (Chromium is found by `browser_support`)."""
+"""Start `python app.py` in a subprocess for the app and security tests (Chromium is found by `browser_support`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -20,12 +20,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(tmp: Path, *extra: str, timeout_s: float = 180):
-    """Run the app with the tiny model on a free port; yield (url, output_dir); stop it afterwards."""
+def running_app(tmp: Path, *extra: str, timeout_s: float = 180, env: dict | None = None):
+    """Run the app with the tiny model on a free port; yield (url, output_dir); stop it afterwards. `env` adds to
+    (or, with None values, removes from) the app's environment."""
     port = free_port()
     output_dir = tmp / "outputs"
-    env = {**os.environ, "LENS_CACHE_DIR": str(tmp / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("LENS_AUTH", None)
+    environment = {**os.environ, "LENS_CACHE_DIR": str(tmp / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    environment.pop("LENS_AUTH", None)
+    environment.pop("SPACE_ID", None)
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     log = (tmp / "app.log").open("w")
     command = [
         sys.executable,
@@ -40,7 +47,7 @@ def running_app(tmp: Path, *extra: str, timeout_s: float = 180):
         str(output_dir),
         *extra,
     ]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(port, process, timeout_s, tmp / "app.log")
         yield f"http://127.0.0.1:{port}/", output_dir

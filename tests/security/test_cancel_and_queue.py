@@ -1,0 +1,137 @@
+"""Why #7 and #8: cancel holds over the API (a queued job is removed, a running one stops at its next step whether
+the caller cancels, calls Job.cancel() or disconnects, and the message counts what was saved), and polling never
+takes a queue slot, so a full queue does not flood idle pages."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client.utils import Status
+
+from app.workspace import user_folder_name
+
+pytestmark = pytest.mark.timeout(300)
+LONG = {"width": 128, "height": 128, "num_inference_steps": 200}
+
+
+def wait_for_status(job, code, timeout_s: float = 120) -> None:
+    """Poll a gradio_client job until it reports `code` (a running job reports progress too)."""
+    codes = (Status.PROCESSING, Status.PROGRESS) if code == Status.PROCESSING else (code,)
+    deadline = time.monotonic() + timeout_s
+    while job.status().code not in codes:
+        assert time.monotonic() < deadline, f"job stayed {job.status().code}, expected {code}"
+        time.sleep(0.05)
+
+
+def saved_with(folder: Path, words: str) -> list[Path]:
+    return sorted(folder.glob(f"*-{words}.png")) if folder.exists() else []
+
+
+def test_cancel_removes_waiting_jobs_and_stops_the_running_one(login_app, alice, bob):
+    images = login_app.workspaces() / user_folder_name("bob") / "images"
+    running = alice.submit(prompt="alice long", api_name="/generate", **LONG)
+    wait_for_status(running, Status.PROCESSING)
+    waiting = [bob.submit(prompt=f"bob waiting {i}", seed=i, api_name="/generate", **LONG) for i in range(2)]
+    for job in waiting:
+        wait_for_status(job, Status.IN_QUEUE)
+    assert bob.predict(api_name="/cancel") == "Removed 2 waiting jobs from the queue."
+    for job in waiting:
+        try:
+            job.result(timeout=60)
+            raise AssertionError("a cancelled waiting job ran")
+        except Exception as error:  # noqa: BLE001 (gradio_client raises its own types)
+            assert "Cancelled while waiting" in str(error)
+    assert alice.predict(api_name="/cancel").startswith("Cancelling your running job")
+    try:
+        running.result(timeout=60)
+        raise AssertionError("the running job was not cancelled")
+    except Exception as error:  # noqa: BLE001
+        assert "nothing was saved" in str(error)
+    assert saved_with(images, "bob-waiting-0") == saved_with(images, "bob-waiting-1") == []
+
+
+def test_job_cancel_and_a_disconnect_stop_a_running_job(login_app, alice, bob):
+    images = login_app.workspaces() / user_folder_name("alice") / "images"
+    job = alice.submit(prompt="cancelled by client", api_name="/generate", **LONG)
+    wait_for_status(job, Status.PROCESSING)
+    job.cancel()  # gradio_client: today this returned True and the job ran on and saved
+
+    raw = login_app.raw("alice")
+    event_id = raw.join("generate", ["dropped by client", "", 128, 128, 200, -1, -1, "Lens-Turbo", 1, 1, [], None])
+    with contextlib.closing(raw.messages(raw.session_hash)) as messages:
+        for message in messages:
+            if message.get("msg") == "progress" and message.get("event_id") == event_id:
+                break  # the job is running: close the connection now
+    raw.http.close()
+
+    # The GPU is serialized: once a later job has finished, the two above have released it.
+    files, _ = bob.predict(prompt="after them", api_name="/generate", width=64, height=64, num_inference_steps=2)
+    assert files
+    assert saved_with(images, "cancelled-by-client") == [] and saved_with(images, "dropped-by-client") == []
+
+
+def test_the_cancel_message_counts_what_was_saved(login_app):
+    raw = login_app.raw("alice")
+    images = login_app.workspaces() / user_folder_name("alice") / "images"
+    form = raw.dependency("generate_stream")
+    components = {c["id"]: c for c in raw.config["components"]}
+    values = {
+        "Prompt": "counted batches",
+        "Width": 64,
+        "Height": 64,
+        "Steps": 40,
+        "Batch count": 4,
+        "Seed": "Fixed",
+        "Seed value": 50,
+    }
+    data = [
+        values.get(components[i]["props"].get("label"), components[i]["props"].get("value"))
+        if components[i]["type"] != "state"
+        else None
+        for i in form["inputs"]
+    ]
+    raw.call("_start_job", [None])
+    event_id = raw.join("generate_stream", data)
+    status = None
+    with contextlib.closing(raw.messages(raw.session_hash)) as messages:
+        for message in messages:
+            if message.get("event_id") != event_id:
+                continue
+            if message.get("msg") == "progress" and message["progress_data"][0]["index"] > 80:
+                raw.call("cancel", [None])  # batches 1 and 2 (40 steps each) are saved by now
+            if message.get("msg") == "process_completed":
+                status = next(v for v in message["output"]["data"] if isinstance(v, str) and "Cancelled" in v)
+                break
+    saved = saved_with(images, "counted-batches")
+    match = re.search(r"(\d) of 4 images were saved", status)
+    assert match and int(match[1]) == len(saved) >= 2, status
+
+
+def test_a_full_queue_still_answers_every_poll_and_says_how_many_jobs_are_ahead(space_app):
+    """`--queue-size 2`: one job runs, two wait, a third is refused; the page's timers (status, queue line, the
+    Recaption and Train polls) never queue, so they still answer, and the waiting visitor learns their place."""
+    runner, waiter = space_app.client(), space_app.raw()
+    running = runner.submit(prompt="space running", api_name="/generate", **LONG)
+    wait_for_status(running, Status.PROCESSING)
+    long_job = ["space waiting", "", 128, 128, 200, -1, -1, "Lens-Turbo", 1, 1, [], None]
+    waiting = [waiter.join("generate", long_job) for _ in range(2)]
+    refused = space_app.raw().call("generate", long_job)
+    assert not refused.success and "Queue is full" in refused.error
+    for poll in ("lambda", "queue_status", "recaption_poll", "refresh", "train_status", "model_status"):
+        outcome = waiter.call(poll, [None] * len(waiter.dependency(poll)["inputs"]))
+        assert outcome.success, (poll, outcome)  # today: 503 "Queue is full" for every tick
+    line = waiter.call("queue_status", []).data[0]
+    assert line == "Your job is queued: **1 job ahead of you**."
+    assert waiter.call("cancel", [None]).data[0] == "Removed 2 waiting jobs from the queue."
+    errors = [outcome.error for outcome in waiter.follow_all(waiting)]
+    assert errors == ["Cancelled while waiting for the GPU; nothing was saved."] * 2
+    assert runner.predict(api_name="/cancel").startswith("Cancelling your running job")
+    try:
+        running.result(timeout=60)
+    except Exception as error:  # noqa: BLE001 (gradio_client raises its own types)
+        assert "Cancelled" in str(error)
+    assert waiter.call("queue_status", []).data[0] == ""
