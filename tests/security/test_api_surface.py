@@ -226,3 +226,12 @@ def test_hostile_text_in_every_input_sends_no_secret_and_writes_nothing_outside_
     assert _tree(root, skip) == before  # the server's own files: untouched
     assert _tree(outside, []) == outside_before  # no sidecar, no cache written next to the victim
     assert "ready" in login_app.client("bob").predict(api_name="/model_status")
+
+
+def test_queued_events_cannot_skip_the_queue_over_rest(login_app):
+    """Gradio opens `/run/<api_name>` for every event unless told otherwise: a shared server closes it for queued
+    events, so nobody bypasses the queue size, its order or the GPU's concurrency group."""
+    raw = login_app.raw("bob")
+    body = {"data": ["a fox", "", 64, 64, 2, -1, -1, "Lens-Turbo", 1, 1, [], None]}
+    response = raw.http.post("gradio_api/run/generate", json=body)
+    assert response.status_code == 404 and "join the queue" in response.text
