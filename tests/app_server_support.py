@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +86,63 @@ def wait_until_ready(client, timeout_s: float = 180) -> str:
             return status
         time.sleep(0.5)
     raise RuntimeError(f"The model did not become ready: {status}")
+
+
+def wait_for_status(job, code, timeout_s: float = 120) -> None:
+    """Poll a gradio_client job until it reports `code` (e.g. queued, processing; a running /generate job also
+    reports its progress, which counts as processing)."""
+    from gradio_client.utils import Status
+
+    codes = (Status.PROCESSING, Status.PROGRESS) if code == Status.PROCESSING else (code,)
+    deadline = time.monotonic() + timeout_s
+    while job.status().code not in codes:
+        assert time.monotonic() < deadline, f"job stayed {job.status().code}, expected {code}"
+        time.sleep(0.05)
+
+
+class ChatEndpoint:
+    """A local OpenAI-compatible chat endpoint (any path, any method) that records every request (path, headers,
+    body) and answers `answer(body)` as the first choice's content. Use it as a context manager or `close()` it."""
+
+    def __init__(self, answer: Callable[[dict], str]):
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+                endpoint.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                try:
+                    content = answer(json.loads(body) if body else {})
+                except (ValueError, KeyError, IndexError, TypeError):
+                    content = "unreadable request"
+                data = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _handle  # noqa: N815 (http.server's naming)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> ChatEndpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server_support import running_app, wait_until_ready
+from app_server_support import running_app, wait_for_status, wait_until_ready
 from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from PIL import Image, PngImagePlugin
@@ -15,14 +15,6 @@ from PIL import Image, PngImagePlugin
 from lens_core.metadata import ImageSettings, read_settings, save_png
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
-
-
-def wait_for_status(job, code, timeout_s: float = 60) -> None:
-    """Poll a gradio_client job until it reports `code` (e.g. queued, processing)."""
-    deadline = time.monotonic() + timeout_s
-    while job.status().code != code:
-        assert time.monotonic() < deadline, f"job stayed {job.status().code}, expected {code}"
-        time.sleep(0.1)
 
 
 def restore(client: Client, path: Path) -> dict:

@@ -12,66 +12,18 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from app_server_support import running_app, wait_until_ready
+from app_server_support import ChatEndpoint, running_app, wait_until_ready
 
 from .raw_gradio import RawGradio
 
 USERS = {"alice": "pw-alice-7", "bob": "pw-bob-7"}
 CANARY_ENV = "LENS_SECURITY_CANARY"
 ENDPOINT_KEY_ENV = "LENS_SECURITY_ENDPOINT_KEY"
-
-
-class RecordingEndpoint:
-    """A local OpenAI-compatible chat endpoint that records every request (path, headers, body) and answers with a
-    short caption. Used both as the server's configured endpoint and as the attacker's listener."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
-                endpoint.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                self._record()
-                self._answer()
-
-            def do_POST(self):  # noqa: N802
-                self._record()
-                self._answer()
-
-            def _answer(self) -> None:
-                content = "A small red square on a grey background, seen from the front in flat even light."
-                data = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+CAPTION = "A small red square on a grey background, seen from the front in flat even light."
 
 
 @dataclass
@@ -84,9 +36,8 @@ class SharedApp:
     log: Path
     canary: str
     endpoint_key: str
-    endpoint: RecordingEndpoint
-    listener: RecordingEndpoint
-    clients: dict = field(default_factory=dict)
+    endpoint: ChatEndpoint
+    listener: ChatEndpoint
 
     def raw(self, user: str | None = None) -> RawGradio:
         """A raw-HTTP client (logged in as `user`)."""
@@ -122,13 +73,11 @@ class SharedApp:
 
 @pytest.fixture(scope="session")
 def endpoints():
-    configured, listener = RecordingEndpoint(), RecordingEndpoint()
-    yield configured, listener
-    configured.close()
-    listener.close()
+    with ChatEndpoint(lambda body: CAPTION) as configured, ChatEndpoint(lambda body: CAPTION) as listener:
+        yield configured, listener
 
 
-def _backends_file(folder: Path, endpoint: RecordingEndpoint) -> Path:
+def _backends_file(folder: Path, endpoint: ChatEndpoint) -> Path:
     path = folder / "backends.yaml"
     entry = {"base_url": endpoint.url, "model": "test-vlm", "api_key_env": ENDPOINT_KEY_ENV}
     path.write_text(json.dumps({"rewriter": {"house": entry}, "recaption": {"house-vlm": entry}}))  # JSON is YAML

@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 from pathlib import Path
 
 import pytest
+from app_server_support import wait_for_status
 from gradio_client.utils import Status
 
 pytestmark = pytest.mark.timeout(300)
 LONG = {"width": 128, "height": 128, "num_inference_steps": 200}
-
-
-def wait_for_status(job, code, timeout_s: float = 120) -> None:
-    """Poll a gradio_client job until it reports `code` (a running job reports progress too)."""
-    codes = (Status.PROCESSING, Status.PROGRESS) if code == Status.PROCESSING else (code,)
-    deadline = time.monotonic() + timeout_s
-    while job.status().code not in codes:
-        assert time.monotonic() < deadline, f"job stayed {job.status().code}, expected {code}"
-        time.sleep(0.05)
 
 
 def saved_with(folder: Path, words: str) -> list[Path]:
