@@ -7,7 +7,6 @@ affect everyone. The mode itself is decided in one place, `AppSettings.hosting_m
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,20 +95,3 @@ class Hosting:
                 "--allow-training.",
                 title="Training is off",
             )
-
-    def check_folder(self, request: gr.Request | None, text, what: str, *, writable: bool = False) -> Path:
-        """A folder typed by the user: resolved, inside their workspace when shared, existing, a folder and (if
-        asked) writable; otherwise `gr.Error` naming the problem."""
-        if not isinstance(text, str) or not text.strip():
-            raise gr.Error(f"Enter the {what}.")
-        try:
-            folder = self.workspace(request).resolve(text.strip())
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-        if not folder.exists():
-            raise gr.Error(f"The {what} {text.strip()!r} does not exist.")
-        if not folder.is_dir():
-            raise gr.Error(f"The {what} {text.strip()!r} is not a folder.")
-        if writable and not os.access(folder, os.W_OK):
-            raise gr.Error(f"The {what} {text.strip()!r} is not writable by the app.")
-        return folder

@@ -79,13 +79,6 @@ class Workspace:
                 raise WorkspaceError(f"{name!r} is not a plain name (no '/', '\\\\' or '..').")
         return self.resolve(self.root.joinpath(*names))
 
-    def shown(self, path: str | Path) -> str:
-        """How a path is shown to its owner: relative to the workspace when inside it (no server layout leaks)."""
-        resolved = Path(os.path.realpath(path))
-        if resolved.is_relative_to(self.root):
-            return resolved.relative_to(self.root).as_posix() or "."
-        return str(path)
-
 
 def user_folder_name(login: str) -> str:
     """A folder name for a login: readable, safe on every file system, and distinct for distinct logins (a hash

@@ -250,3 +250,18 @@ def test_without_weights_the_page_explains_and_offers_the_demo_model(tmp_path):
         assert "tiny" in banner and "ready" in banner
         files, _ = client.predict(prompt="a fox", api_name="/generate", **SMALL)
         assert files
+
+
+def test_personal_mode_checks_typed_folders(client, tmp_path):
+    """The person at the machine may name server folders, and a mistyped one is named back clearly."""
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(Exception, match="does not exist"):
+        client.predict(str(missing), "tiny", "24gb", "run", 5, 1e-4, 4, "", "", "", api_name="/train_start")
+    file = tmp_path / "a-file.txt"
+    file.write_text("not a folder")
+    recaption = [str(tmp_path), str(file), "openai", "m", "dense", 100, "http://127.0.0.1:9/v1", "KEY", 1, 1, "auto", 64,
+                 ["sidecar"], False, ""]  # fmt: skip
+    with pytest.raises(Exception, match="is not a writable folder"):
+        client.predict(*recaption, api_name="/recaption_start")
+    with pytest.raises(Exception, match="does not exist or is not a folder"):
+        client.predict(str(missing), *recaption[1:], api_name="/recaption_start")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from app_server_support import REPO
 from browser_support import CHROMIUM_ARGS, find_chromium
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from lens_core.metadata import ImageSettings, read_settings, save_png
 
@@ -124,3 +124,20 @@ def test_gallery_sends_settings_back_to_generate(page, app_server):
     page.click("#send-to-generate")
     page.wait_for_function("document.querySelector('#prompt textarea').value === 'from the gallery'", timeout=20_000)
     assert page.input_value("#seed-input input") == "777"
+
+
+def test_a_bad_png_says_why_next_to_the_drop_zone_and_leaves_the_form_alone(page, tmp_path: Path):
+    png = tmp_path / "bad-steps.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a castle\nSteps: -20, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 512x768")
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    page.fill("#prompt textarea", "keep this prompt")
+    page.locator("#prompt textarea").press("Tab")  # Gradio syncs a textbox's value on blur
+    page.set_input_files("#restore-file input[type=file]", str(png))
+    page.wait_for_function(
+        "document.querySelector('#restore-message').innerText.includes('num_inference_steps must be')",
+        timeout=20_000,
+    )
+    assert "Cannot restore settings from this file" in page.inner_text("#restore-message")
+    assert page.input_value("#prompt textarea") == "keep this prompt"
+    assert page.input_value("#seed-input input") == "0"

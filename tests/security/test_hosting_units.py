@@ -262,3 +262,15 @@ def test_engine_refusals_and_the_cancel_count(tiny_checkpoint, tmp_path):
         engine.generate(request, on_progress, cancel, workspace=workspace)
     assert [path.parent for path in caught.value.saved] == [(workspace / "images").resolve()] * 2
     assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o644 for path in caught.value.saved)
+
+
+def test_a_shared_gallery_lists_every_workspace_only_when_asked(tmp_path):
+    from app.gallery_tab import list_images
+
+    workspaces = Workspaces(tmp_path / "out", shared=True)
+    for login in ("ann", "bob"):
+        images = workspaces.for_login(login).images
+        images.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(images / f"{login}.png")
+    assert [path.name for path in list_images([workspaces.for_login("ann").images])] == ["ann.png"]
+    assert sorted(path.name for path in list_images(workspaces.all_image_folders())) == ["ann.png", "bob.png"]
