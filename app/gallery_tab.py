@@ -12,6 +12,7 @@ import gradio as gr
 
 from app.access import Hosting
 from app.generate_tab import GenerateTab
+from app.serving import served_copy
 from app.workspace import WorkspaceError
 from lens_core.engine import IMAGES_SUBDIR, LensEngine
 from lens_core.metadata import read_settings
@@ -78,7 +79,7 @@ def build_gallery_tab(
 
     def load(request: gr.Request) -> tuple:
         found = list_images(folders(request))
-        items = [(str(path), path.stem) for path in found]
+        items = [(served_copy(path), path.stem) for path in found]
         where = "the shared gallery" if hosting.shared_gallery else "your workspace"
         if not hosting.shared:
             where = f"`{engine.config.output_dir}`"

@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.access import Hosting
+from app.serving import served_copy
 from app.session import SessionState, gpu_task
 from app.settings import AppSettings
 from app.uploads import discard_temporary_upload
@@ -549,7 +550,9 @@ def _progress_update(tab: GenerateTab, event: ProgressEvent, progress: gr.Progre
 def _final_update(tab: GenerateTab, result: GenerationResult, state: SessionState) -> dict:
     state.last_seed = result.seed
     return {
-        tab.gallery: [(str(path), f"seed {s.seed}") for path, s in zip(result.paths, result.settings, strict=True)],
+        tab.gallery: [
+            (served_copy(path), f"seed {s.seed}") for path, s in zip(result.paths, result.settings, strict=True)
+        ],
         tab.seed_used: result.seed,
         tab.settings_json: result_summary(result),
         tab.status: f"Saved {len(result.paths)} image(s) in {result.elapsed_s:.1f} s (PNG with settings, in the Gallery).",
@@ -559,7 +562,7 @@ def _final_update(tab: GenerateTab, result: GenerationResult, state: SessionStat
 def _cancelled_update(tab: GenerateTab, error: GenerationCancelled) -> dict:
     update = {tab.status: f"Cancelled. {error}"}
     if error.saved:
-        update[tab.gallery] = [(str(path), path.stem) for path in error.saved]
+        update[tab.gallery] = [(served_copy(path), path.stem) for path in error.saved]
     return update
 
 
@@ -790,7 +793,7 @@ def _build_api(tab: GenerateTab, engine: LensEngine, hosting: Hosting) -> None:
             raise user_error(error) from None
         finally:
             state.running = False
-        return [str(path) for path in result.paths], result_summary(result)
+        return [served_copy(path) for path in result.paths], result_summary(result)
 
     trigger.click(
         generate,

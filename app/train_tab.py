@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 
 from app.access import Hosting
+from app.serving import served_copy
 from app.uploads import list_datasets
 from lens_core.engine import list_loras
 from lens_core.presets import TINY_MODEL, VARIANTS
@@ -213,7 +214,8 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
         if hosting.shared and lora:
             # The LoRA's name in the caller's workspace (training/<run>/...), as the Generate tab lists it.
             lora = (Path("training") / Path(os.path.relpath(lora, Path(folder).parent))).as_posix()
-        return _status_markdown(Path(folder), job_status), _curve(job_status), job_status.samples, lora
+        samples = [served_copy(path) for path in job_status.samples if Path(path).is_file()]
+        return _status_markdown(Path(folder), job_status), _curve(job_status), samples, lora
 
     def runs_root(request: gr.Request | None) -> Path:
         return hosting.workspace(request).training if hosting.shared else output_root

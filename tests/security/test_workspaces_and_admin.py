@@ -22,6 +22,12 @@ def test_galleries_are_private_to_each_login(login_app, alice, bob):
     saved = login_app.workspaces() / user_folder_name("alice") / "images" / alice_file
     assert saved.is_file()
     assert stat.S_IMODE(saved.stat().st_mode) == 0o644  # readable like any file the server writes (umask 022)
+    # The page gets a copy under a random name in Gradio's cache, never a path into the workspace.
+    served = login_app.raw("alice").call(
+        "generate", ["served copy", "", 64, 64, 2, -1, 2, "Lens-Turbo", 1, 1, [], None]
+    )
+    (payload,) = served.data[0]
+    assert Path(payload["path"]).is_relative_to(login_app.temp_dir) and payload["path"].endswith("-served-copy.png")
     assert alice_file in gallery_names(alice)
     assert alice_file not in gallery_names(bob)
     # Bob can neither delete it by name nor fetch it by its server path.
