@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"'tiny' (random demo model built on the fly). Default: {DEFAULT_MODEL}.",
     )
     parser.add_argument("--memory-mode", default="auto", choices=["auto", *MEMORY_MODES], help="Where the model lives.")
-    parser.add_argument("--output-dir", default="outputs", help="Images (images/), LoRAs (loras/), training runs.")
+    parser.add_argument(
+        "--output-dir",
+        default=os.environ.get("LENS_OUTPUT_DIR", "outputs"),
+        help="Images (images/), LoRAs (loras/), training runs; or set LENS_OUTPUT_DIR.",
+    )
     parser.add_argument("--host", default=None, help="Interface to listen on (0.0.0.0 for the network).")
     parser.add_argument("--port", type=int, default=None, help="Port (default 7860).")
     parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link.")
@@ -149,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     hosting.add_argument(
         "--admin",
         action="append",
-        default=[],
+        default=[os.environ["LENS_ADMINS"]] if os.environ.get("LENS_ADMINS") else [],
         metavar="NAME",
         help="A login that may change the model, variant checkpoint and memory mode in `shared` mode "
-        "(repeat or comma-separate; default none).",
+        "(repeat or comma-separate; or set LENS_ADMINS; default none).",
     )
     hosting.add_argument(
         "--allow-training", action="store_true", help="Let visitors of a `shared` server start training runs."
@@ -162,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hosting.add_argument(
         "--backends",
-        default=None,
+        default=os.environ.get("LENS_BACKENDS") or None,
         metavar="FILE",
-        help="YAML file naming the recaption and prompt-rewriter endpoints visitors may pick (see README, Hosting).",
+        help="YAML file naming the recaption and prompt-rewriter endpoints visitors may pick (see README, Hosting); "
+        "or set LENS_BACKENDS.",
     )
     hosting.add_argument(
         "--upload-limit-gb",

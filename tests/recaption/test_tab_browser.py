@@ -84,7 +84,9 @@ def test_tab_preview_run_review_edit_save(tmp_path, tab_url):
             page.get_by_text("img003: Scene", exact=False).first.wait_for(timeout=60_000)
         except Exception as error:  # say what the page and the server showed, not just "timeout"
             log = Path(tab_url_log(tmp_path)).read_text(errors="replace")[-3000:]
-            pytest.fail(f"no preview after 60 s ({error}).\nPage:\n{page.inner_text('body')[-3000:]}\nServer log:\n{log}")
+            pytest.fail(
+                f"no preview after 60 s ({error}).\nPage:\n{page.inner_text('body')[-3000:]}\nServer log:\n{log}"
+            )
         assert not list(data.glob("*.txt")), "the preview must not write into the dataset"
         assert page.get_by_text("img000: Scene", exact=False).count() >= 1
         assert page.get_by_text("img004:", exact=False).count() == 0  # 4 images, not 5

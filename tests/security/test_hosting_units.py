@@ -51,6 +51,17 @@ def test_the_mode_is_personal_only_on_loopback_without_logins_links_or_spaces(ar
     assert ("**shared**" in hosting.banner()) == (mode == "shared")
 
 
+def test_a_space_is_configured_by_its_variables(tmp_path, monkeypatch):
+    backends = tmp_path / "backends.yaml"
+    backends.write_text("recaption: {vlm: {base_url: 'http://127.0.0.1:9/v1', model: m}}\n")
+    for name, value in {"SPACE_ID": "me/lens", "LENS_AUTH": "ann:pw,bob:pw", "LENS_ADMINS": "ann",
+                        "LENS_BACKENDS": str(backends), "LENS_OUTPUT_DIR": str(tmp_path / "data")}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    settings = parse_args([])
+    assert settings.hosting_mode().shared and settings.admins == ["ann"]
+    assert settings.output_dir == tmp_path / "data" and "vlm" in settings.server_backends().recaption
+
+
 def test_admins_must_be_logins(capsys, monkeypatch):
     monkeypatch.delenv("LENS_AUTH", raising=False)
     with pytest.raises(SystemExit):
