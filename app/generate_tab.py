@@ -422,7 +422,7 @@ def build_generate_tab(engine: LensEngine, settings: AppSettings, hosting: Hosti
     }
     tab = GenerateTab(state=gr.State(SessionState()), **parts)
     _wire_form_events(tab, engine, hosting, buttons)
-    _wire_restore(tab, hosting)
+    _wire_restore(tab)
     _wire_generation(tab, engine, hosting, buttons)
     _wire_rewriter(tab, engine, hosting, buttons)
     _build_api(tab, engine, hosting)
@@ -494,7 +494,7 @@ def _wire_form_events(tab: GenerateTab, engine: LensEngine, hosting: Hosting, bu
     )
 
 
-def _read_dropped_png(upload, hosting: Hosting) -> tuple[ImageSettings, str]:
+def _read_dropped_png(upload) -> tuple[ImageSettings, str]:
     """The settings of an uploaded PNG (its text chunks only) and its name; Gradio's temporary copy is removed."""
     from gradio.utils import get_upload_folder
 
@@ -508,7 +508,7 @@ def _read_dropped_png(upload, hosting: Hosting) -> tuple[ImageSettings, str]:
         discard_temporary_upload(path, get_upload_folder())
 
 
-def _wire_restore(tab: GenerateTab, hosting: Hosting) -> None:
+def _wire_restore(tab: GenerateTab) -> None:
     """Dropping a PNG fills the form; a bad file leaves the form as it was and says why next to the drop zone.
     `/restore_settings` does the same for API callers and raises the error instead."""
 
@@ -516,15 +516,15 @@ def _wire_restore(tab: GenerateTab, hosting: Hosting) -> None:
         if not upload:
             return {tab.restore_message: ""}
         try:
-            settings, name = _read_dropped_png(upload, hosting)
+            settings, name = _read_dropped_png(upload)
             updates = tab.restore_updates(settings, name)
-        except ValueError as error:
+        except ValueError as error:  # the form keeps its values; the reason shows next to the drop zone
             return {tab.restore_message: f"**Cannot restore settings from this file:** {error}", tab.restore_file: None}
         return {**updates, tab.restore_message: "", tab.restore_file: None}
 
     def restore_api(upload) -> dict:
         try:
-            settings, name = _read_dropped_png(upload, hosting)
+            settings, name = _read_dropped_png(upload)
             return tab.restore_updates(settings, name)
         except ValueError as error:
             raise gr.Error(f"Cannot restore settings from this file: {error}", title="Not a Lens/A1111 PNG") from None

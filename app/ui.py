@@ -77,7 +77,7 @@ def _remember_anonymous_workspace(hosting: Hosting, demo: gr.Blocks) -> None:
     reload finds the same gallery and runs; a forged or foreign id is replaced, never trusted."""
     if not hosting.shared:
         return
-    browser_id = gr.BrowserState(None, storage_key=BROWSER_ID_KEY)
+    browser_id = gr.BrowserState(None, storage_key=BROWSER_ID_KEY, secret=hosting.workspaces.browser_storage_secret())
 
     def adopt(token, request: gr.Request):
         if getattr(request, "username", None):
@@ -126,6 +126,8 @@ def launch_options(settings: AppSettings, hosting: Hosting | None = None) -> dic
         "theme": gr.themes.Soft(primary_hue="indigo"),
         "max_file_size": hosting.upload_limits.max_total_bytes,
         "show_error": False,  # only gr.Error messages reach the page: no stack traces or server paths
+        # Gradio's run history can write visitors' runs to a Hub bucket with the host's own token: not when shared.
+        "run_history": not hosting.shared,
     }
     if not hosting.shared:
         # Personal mode: the gallery folder may be linked directly. Shared mode serves images only through the

@@ -172,6 +172,11 @@ class Workspaces:
     def _signature(self, folder: str) -> str:
         return hmac.new(self._secret, folder.encode("ascii"), hashlib.sha256).hexdigest()
 
+    def browser_storage_secret(self) -> str:
+        """The key the browser encrypts its stored id with (Gradio's BrowserState). It is sent to every browser, so it
+        is derived from the server secret one way; being stable, a stored id survives a server restart."""
+        return hmac.new(self._secret, b"browser-storage", hashlib.sha256).hexdigest()[:32]
+
     def token_for(self, workspace: Workspace) -> str:
         """What the browser keeps so that a reload finds the same anonymous workspace: `<id>.<signature>`."""
         folder = workspace.root.name
