@@ -285,3 +285,16 @@ def test_a_shared_gallery_lists_every_workspace_only_when_asked(tmp_path):
         Image.new("RGB", (8, 8)).save(images / f"{login}.png")
     assert [path.name for path in list_images([workspaces.for_login("ann").images])] == ["ann.png"]
     assert sorted(path.name for path in list_images(workspaces.all_image_folders())) == ["ann.png", "bob.png"]
+
+
+def test_gradio_cleans_its_temporary_copies(tmp_path):
+    """Gradio's cache (uploads, images shown on the page) is emptied of anything older than an hour."""
+    from app.access import Hosting
+    from app.ui import DELETE_CACHE, build_ui, launch_options, queue_options
+
+    settings = AppSettings(output_dir=tmp_path, model="tiny", shared=True)
+    hosting = Hosting.from_settings(settings)
+    demo = build_ui(LensEngine(EngineConfig(output_dir=tmp_path, model="tiny")), settings, hosting)
+    assert demo.delete_cache == DELETE_CACHE == (600, 3600)
+    assert "allowed_paths" not in launch_options(settings, hosting)  # no output folder is served by path
+    assert queue_options(settings, hosting)["api_open"] is False
