@@ -305,7 +305,7 @@ def save_edit(state: RecaptionSession | None, key: str | None, caption: str, fla
             key,
             caption,
             write_sidecar=config is None or "sidecar" in config.formats,
-            sidecar_extension=config.sidecar_extension if config else ".txt",
+            sidecar_extension=extension,
         )
     except ValueError as error:
         raise gr.Error(str(error)) from None
