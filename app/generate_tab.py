@@ -141,6 +141,7 @@ class GenerateTab:
     memory_mode: gr.Dropdown
     lora_names: list
     lora_weights: list
+    lora_panel: gr.Accordion  # opened when another tab (Train) selects a LoRA, so the selection is seen
     rewriter_backend: gr.Radio
     rewritten: gr.Textbox
     use_rewritten: gr.Checkbox
@@ -233,6 +234,18 @@ def _lora_choices(engine: LensEngine) -> list[str]:
     return [NO_LORA, *list_loras(engine.config.output_dir)]
 
 
+def select_loras(tab: GenerateTab, engine: LensEngine) -> dict:
+    """Updates that show the engine's active LoRA set in the tab's LoRA slots (the rest cleared) with the panel open:
+    what another tab (Train's "Load in Generate tab") returns after changing the set."""
+    choices, active = _lora_choices(engine), list(engine.loras)[: len(tab.lora_names)]
+    updates: dict = {tab.lora_panel: gr.update(open=True)}
+    for slot, (name_box, weight_box) in enumerate(zip(tab.lora_names, tab.lora_weights, strict=True)):
+        name, weight = active[slot] if slot < len(active) else (NO_LORA, 1.0)
+        updates[name_box] = gr.update(choices=choices, value=name)
+        updates[weight_box] = weight
+    return updates
+
+
 def _build_prompt_inputs(settings: AppSettings, preset) -> dict:
     parts = {}
     parts["prompt"] = gr.Textbox(
@@ -300,7 +313,7 @@ def _build_sampling_inputs(engine: LensEngine, preset) -> dict:
 
 def _build_model_inputs(engine: LensEngine) -> dict:
     parts = {"lora_names": [], "lora_weights": []}
-    with gr.Accordion("Memory mode and LoRAs", open=False):
+    with gr.Accordion("Memory mode and LoRAs", open=False) as parts["lora_panel"]:
         parts["memory_mode"] = gr.Dropdown(_memory_choices(), value=engine.config.memory_mode, label="Memory mode")
         gr.Markdown("LoRAs: `*.safetensors` in `<output-dir>/loras/` and finished training runs.")
         for slot in range(LORA_SLOTS):
@@ -529,7 +542,10 @@ def _wire_rewriter(tab: GenerateTab, engine: LensEngine, settings: AppSettings, 
     )
 
 
-def _parse_api_loras(loras) -> list[tuple[str, float]]:
+def _parse_api_loras(loras) -> list[tuple[str, float]] | None:
+    # None (the parameter left out): the engine's active LoRAs, e.g. one the Train tab loaded; [] removes them all.
+    if loras is None:
+        return None
     if not loras:
         return []
     if not isinstance(loras, list):
@@ -571,7 +587,8 @@ def _api_gpu_seconds(
 def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
     """`/generate`: named parameters, returns the saved PNG files and the settings used (for gradio_client).
 
-    `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default"."""
+    `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default"; `loras` left
+    out uses the LoRAs active in the engine (the Generate tab's selection), [] removes them."""
     with gr.Column(visible=False):
         fields = [
             gr.Textbox(value=""),
@@ -584,7 +601,7 @@ def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
             gr.Textbox(value="Lens-Turbo"),
             gr.Number(value=1),
             gr.Number(value=1),
-            gr.JSON(value=[]),
+            gr.JSON(value=None),
         ]
         files, info = gr.File(file_count="multiple"), gr.JSON()
         trigger = gr.Button()

@@ -59,7 +59,7 @@ def build_ui(engine: LensEngine, settings: AppSettings) -> gr.Blocks:
             with gr.Tab("Recaption", id="recaption"):
                 build_recaption_tab(settings.output_dir / "recaption")
             with gr.Tab("Train", id="train"):
-                build_train_tab(settings.output_dir / "training", engine)
+                build_train_tab(settings.output_dir / "training", engine, generate_tab)
     return demo
 
 

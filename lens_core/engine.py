@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -60,6 +60,8 @@ class GenerationRequest:
 
     `num_inference_steps` / `guidance_scale` None mean "the variant's default" (recorded as numbers in the saved
     settings). `seed` None means a random seed, drawn once and then shown and saved. Image i of the job uses seed + i.
+    `loras` None means "the engine's active LoRA set" (what the Generate tab shows, e.g. a LoRA the Train tab just
+    loaded); a list, even an empty one, sets exactly those LoRAs, and they stay active for the next requests.
     """
 
     prompt: str
@@ -72,7 +74,7 @@ class GenerationRequest:
     seed: int | None = None
     batch_count: int = 1  # batches run one after another
     batch_size: int = 1  # images denoised together in one batch
-    loras: list[tuple[str, float]] = field(default_factory=list)  # (name under the LoRA folders, weight)
+    loras: list[tuple[str, float]] | None = None  # (name under the LoRA folders, weight); None: keep the active set
     original_prompt: str | None = None  # the user's text before the prompt rewriter, if it was used
     preview_every: int = 0  # steps between latent previews; 0 = none
 
@@ -109,7 +111,9 @@ class GenerationRequest:
         _check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("preview_every", self.preview_every, 0, MAX_STEPS)
-        for item in self.loras:
+        if self.loras is not None and not isinstance(self.loras, (list, tuple)):
+            raise ValueError(f"loras must be a list of (name, weight) pairs or None, got {self.loras!r}.")
+        for item in self.loras or []:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(f"Each LoRA must be (name, weight), got {item!r}.")
             weight = item[1]
@@ -426,7 +430,8 @@ class LensEngine:
             if cancel_event is not None and cancel_event.is_set():
                 raise GenerationCancelled("Cancelled before it started.")
             preset = self.set_variant(request.variant)
-            self.set_loras(list(request.loras))
+            if request.loras is not None:  # None: the active set stays, until the user changes it
+                self.set_loras(list(request.loras))
             steps = request.num_inference_steps or preset.num_inference_steps
             guidance = preset.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
             seed = random.randrange(MAX_SEED - request.total_images) if request.seed is None else request.seed

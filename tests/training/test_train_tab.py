@@ -100,8 +100,8 @@ def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
     stopped_step = int(stopped[0].split("step ")[1].split(" /")[0])
     assert 0 < stopped_step < 2000
 
-    (root / "tab-run" / "run.yaml").write_text(
-        (root / "tab-run" / "run.yaml").read_text().replace("max_steps: 2000", f"max_steps: {stopped_step + 5}")
+    (root / "tab-run" / "config.yaml").write_text(
+        (root / "tab-run" / "config.yaml").read_text().replace("max_steps: 2000", f"max_steps: {stopped_step + 5}")
     )
     api.predict("tab-run", api_name="/train_resume")
     done = _wait_for(api, lambda s: ": done" in s[0])
