@@ -8,6 +8,7 @@ engine; they never touch the pipeline. GPU events share one `concurrency_id` wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import queue
 import threading
@@ -542,9 +543,13 @@ def _wire_rewriter(tab: GenerateTab, engine: LensEngine, settings: AppSettings, 
     )
 
 
+ACTIVE_LORAS = "active"  # the /generate default: the LoRAs active in the engine
+
+
 def _parse_api_loras(loras) -> list[tuple[str, float]] | None:
-    # None (the parameter left out): the engine's active LoRAs, e.g. one the Train tab loaded; [] removes them all.
-    if loras is None:
+    # "active" (the parameter left out) or null: the engine's active LoRAs, e.g. one the Train tab loaded; [] removes
+    # them all.
+    if loras is None or loras == ACTIVE_LORAS:
         return None
     if not loras:
         return []
@@ -588,7 +593,7 @@ def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
     """`/generate`: named parameters, returns the saved PNG files and the settings used (for gradio_client).
 
     `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default"; `loras` left
-    out uses the LoRAs active in the engine (the Generate tab's selection), [] removes them."""
+    out ("active") uses the LoRAs active in the engine (the Generate tab's selection), [] removes them."""
     with gr.Column(visible=False):
         fields = [
             gr.Textbox(value=""),
@@ -601,7 +606,7 @@ def _build_api(tab: GenerateTab, engine: LensEngine) -> None:
             gr.Textbox(value="Lens-Turbo"),
             gr.Number(value=1),
             gr.Number(value=1),
-            gr.JSON(value=None),
+            gr.JSON(value=json.dumps(ACTIVE_LORAS)),  # a JSON component reads a string value as JSON text
         ]
         files, info = gr.File(file_count="multiple"), gr.JSON()
         trigger = gr.Button()
