@@ -161,11 +161,9 @@ def load_image(
             orientation = _orientation(opened)
             opened.load()
             image = ImageOps.exif_transpose(opened) if orientation != 1 else opened.copy()
-    except BadImageError:
+    except BadImageError:  # from _open: already says what is wrong
         raise
-    except Image.DecompressionBombError as error:
-        raise BadImageError(name, f"decompression bomb refused: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # the pixel data: truncated, corrupt
         raise BadImageError(name, f"corrupt or truncated image: {error}") from None
     if orientation != 1:
         notes.append(f"EXIF orientation {orientation} applied")

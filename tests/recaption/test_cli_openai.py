@@ -24,9 +24,7 @@ def test_cli_survives_faults_and_bad_images(tmp_path):
     bad = write_bad_images(data / "bad")
     awkward = write_awkward_images(data / "odd")
     # Every image meets every fault once, in this order, then succeeds: 6 of the 7 attempts --max-retries 6 allows.
-    settings = FakeServerSettings(
-        fault_cycle=["429", "500", "timeout", "garbage", "empty", "ok"], timeout_seconds=1.5
-    )
+    settings = FakeServerSettings(fault_cycle=["429", "500", "timeout", "garbage", "empty", "ok"], timeout_seconds=1.5)
     with FakeOpenAIServer(settings) as server:
         result = run_cli([str(data), "--base-url", server.base_url, "--concurrency", "4", *FAST_RETRIES])
         faults = {request["fault"] for request in server.requests}

@@ -108,6 +108,24 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_exit_130(tiny_check
     assert (tmp_path / "run" / "checkpoints" / f"step-{last_step:06d}" / "state.json").is_file()
 
 
+def test_a_stop_during_the_first_samples_ends_at_the_next_denoising_step(tiny_checkpoint, dataset, tmp_path):
+    # 100,000 denoising steps per sample: the run can only end in time if the stop interrupts the sampler.
+    values = tiny_overrides(tiny_checkpoint, dataset, tmp_path / "run", 10, **{"monitor.sample_steps": 100_000})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(build_config({}, values).to_dict()))
+    command = [sys.executable, "-m", "training.train", "--config", str(config_file)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: any(e["event"] == "started" for e in read_progress(tmp_path / "run")), process)
+        process.terminate()  # SIGTERM, what the Train tab's Stop sends
+        assert process.wait(timeout=120) == 130, process.stderr.read().decode()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    events = [e["event"] for e in read_progress(tmp_path / "run")]
+    assert events[-1] == "stopped" and "samples" not in events and "step" not in events
+
+
 def wait_until(condition, process: subprocess.Popen) -> None:
     """Return once `condition()` holds; fail if the process ends first. Polls the files it reads, never a clock."""
     while not condition():

@@ -109,3 +109,20 @@ def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
     assert done[2], "the samples gallery is empty"
     message = api.predict(done[3], api_name="/train_load_lora")
     assert done[3] in message and "no generation engine" in message
+
+
+def test_the_loss_plot_draws_numbers_from_its_first_frame():
+    import gradio as gr
+
+    from app.train_tab import _curve, default_preset
+    from training.jobs import TrainingStatus
+
+    plot = gr.LinePlot(x="step", y="loss", color="series")
+    empty = plot.postprocess(_curve(TrainingStatus("not started"))).model_dump()
+    status = TrainingStatus("running", losses=[(1, 0.5), (2, 0.25)], validation=[(2, 0.3)])
+    full = plot.postprocess(_curve(status)).model_dump()
+    for frame in (empty, full):  # numbers, not categories: a line ordered by step and loss
+        assert frame["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
+    assert full["data"] == [[1, 0.5, "loss"], [2, 0.25, "loss"], [2, 0.3, "validation"]]
+    if not __import__("torch").cuda.is_available():
+        assert default_preset() == "cpu"
