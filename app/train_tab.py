@@ -18,6 +18,8 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from app.generate_tab import select_loras
+from lens_core.engine import EngineNotReady
 from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_NAMES, parse_override
 from training.jobs import Job, TrainingStatus, resume_training, start_training, training_status
@@ -205,7 +207,7 @@ def build_train_tab(output_root: Path, engine=None, generate_tab=None) -> None:
     def on_stop(folder: str):
         job = Job.attach(folder) if folder else None
         # SIGTERM now (the run checkpoints and exits at the end of its current step); SIGKILL if it hangs.
-        if job is None or not job.stop(grace_seconds=120):
+        if job is None or not job.stop(grace_seconds=300):
             raise gr.Error("No training process is running for this session.")
         return refresh(folder)
 
@@ -217,8 +219,9 @@ def build_train_tab(output_root: Path, engine=None, generate_tab=None) -> None:
             raise gr.Error(str(error)) from error
         return (folder, *refresh(folder))
 
-    handoff = [] if generate_tab is None else [*generate_tab.lora_names, *generate_tab.lora_weights]
-    handoff += [] if generate_tab is None else [generate_tab.lora_panel]
+    handoff = []  # the Generate tab's LoRA slots and their panel, which "Load in Generate tab" updates
+    if generate_tab is not None:
+        handoff = [*generate_tab.lora_names, *generate_tab.lora_weights, generate_tab.lora_panel]
 
     def on_load(path: str):
         if not path:
@@ -227,13 +230,11 @@ def build_train_tab(output_root: Path, engine=None, generate_tab=None) -> None:
             return {load_message: f"The LoRA is at `{path}`; no generation engine is running in this app."}
         try:
             engine.set_loras([(path, 1.0)])  # active until the user changes it in the Generate tab
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, EngineNotReady) as error:
             raise gr.Error(f"Could not load the LoRA: {error}") from None
         name = engine.loras[0][0]
         updates = {load_message: f"Loaded `{name}` (weight 1.0): it is selected in the Generate tab's LoRA 1 slot."}
         if generate_tab is not None:
-            from app.generate_tab import select_loras
-
             updates.update(select_loras(generate_tab, engine))
         return updates
 

@@ -259,6 +259,17 @@ TRAIN_CONFIG_FILE = "config.yaml"  # what `python -m training.train` also writes
 TRAIN_FINAL_EVENTS = {"done": "done", "stopped": "stopped", "error": "failed"}
 
 
+def _training_job(output_dir: Path) -> Job:
+    """The job of a run folder: `python -m training.train --config <run>/config.yaml`, resumed with --resume latest."""
+    return Job(
+        output_dir,
+        [sys.executable, "-m", "training.train", "--config", str(output_dir / TRAIN_CONFIG_FILE)],
+        output_dir / PROGRESS_FILE,
+        ["--resume", "latest"],
+        "train.log",
+    )
+
+
 def start_training(output_dir: str | Path, values: dict, overrides: dict | None = None) -> Job:
     """Check the config (a ValueError before anything starts), write `<output_dir>/config.yaml`, start the run."""
     from .config import build_config
@@ -269,25 +280,19 @@ def start_training(output_dir: str | Path, values: dict, overrides: dict | None 
         raise ValueError(f"A training process is already running in {output_dir} (pid {existing.pid}); stop it first.")
     config = build_config(values, dict(overrides or {}, output_dir=str(output_dir)))
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = output_dir / TRAIN_CONFIG_FILE
-    atomic_write_text(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return Job.start(
-        "training.train",
-        ["--config", str(config_path)],
-        output_dir,
-        output_dir / PROGRESS_FILE,
-        resume_arguments=["--resume", "latest"],
-        log_name="train.log",
-    )
+    atomic_write_text(output_dir / TRAIN_CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    job = _training_job(output_dir)
+    job._launch(job.command)
+    return job
 
 
 def resume_training(output_dir: str | Path) -> Job:
-    """Continue the run in `output_dir` from its newest checkpoint, with its saved config."""
+    """Continue the run in `output_dir` from its newest checkpoint, with its saved config (also a run that was
+    started from the command line, which has no job.json)."""
     output_dir = Path(output_dir)
-    job = Job.attach(output_dir)
-    if job is None or not (output_dir / TRAIN_CONFIG_FILE).is_file():
+    if not (output_dir / TRAIN_CONFIG_FILE).is_file():
         raise ValueError(f"{output_dir} has no {TRAIN_CONFIG_FILE}: there is no run to resume there.")
-    return job.resume()
+    return (Job.attach(output_dir) or _training_job(output_dir)).resume()
 
 
 @dataclass

@@ -88,21 +88,27 @@ def test_command_line_errors_are_one_message_and_a_clear_exit_code(dataset, tmp_
     assert result.returncode == 2 and "Did you mean 'loop.max_steps'?" in result.stderr
 
 
-def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_exit_130(tiny_checkpoint, dataset, tmp_path):
-    values = tiny_overrides(tiny_checkpoint, dataset, tmp_path / "run", 100_000, **{"monitor.checkpoint_every": 10_000})
+def _stop_a_run(values: dict, tmp_path: Path, ready, signum: int) -> list[dict]:
+    """Run `python -m training.train` on `values`, send `signum` once `ready(events)` holds, expect exit 130; returns
+    the run's events."""
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(build_config({}, values).to_dict()))
     command = [sys.executable, "-m", "training.train", "--config", str(config_file)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        # Wait for the event (two finished steps in the progress file), however long the machine takes.
-        wait_until(lambda: sum(e["event"] == "step" for e in read_progress(tmp_path / "run")) >= 2, process)
-        process.send_signal(signal.SIGINT)
+        # Wait for the event in the progress file, however long the machine takes.
+        wait_until(lambda: ready(read_progress(tmp_path / "run")), process)
+        process.send_signal(signum)
         assert process.wait(timeout=120) == 130, process.stderr.read().decode()[-2000:]
     finally:
         if process.poll() is None:
             process.kill()
-    events = read_progress(tmp_path / "run")
+    return read_progress(tmp_path / "run")
+
+
+def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_exit_130(tiny_checkpoint, dataset, tmp_path):
+    values = tiny_overrides(tiny_checkpoint, dataset, tmp_path / "run", 100_000, **{"monitor.checkpoint_every": 10_000})
+    events = _stop_a_run(values, tmp_path, lambda events: sum(e["event"] == "step" for e in events) >= 2, signal.SIGINT)
     last_step = max(e["step"] for e in events if e["event"] == "step")
     assert events[-1]["event"] == "stopped" and events[-1]["step"] == last_step and events[-1]["checkpoint"]
     assert (tmp_path / "run" / "checkpoints" / f"step-{last_step:06d}" / "state.json").is_file()
@@ -111,19 +117,10 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_exit_130(tiny_check
 def test_a_stop_during_the_first_samples_ends_at_the_next_denoising_step(tiny_checkpoint, dataset, tmp_path):
     # 100,000 denoising steps per sample: the run can only end in time if the stop interrupts the sampler.
     values = tiny_overrides(tiny_checkpoint, dataset, tmp_path / "run", 10, **{"monitor.sample_steps": 100_000})
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(build_config({}, values).to_dict()))
-    command = [sys.executable, "-m", "training.train", "--config", str(config_file)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_until(lambda: any(e["event"] == "started" for e in read_progress(tmp_path / "run")), process)
-        process.terminate()  # SIGTERM, what the Train tab's Stop sends
-        assert process.wait(timeout=120) == 130, process.stderr.read().decode()[-2000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-    events = [e["event"] for e in read_progress(tmp_path / "run")]
-    assert events[-1] == "stopped" and "samples" not in events and "step" not in events
+    # SIGTERM is what the Train tab's Stop sends.
+    events = _stop_a_run(values, tmp_path, lambda events: any(e["event"] == "started" for e in events), signal.SIGTERM)
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "stopped" and "samples" not in kinds and "step" not in kinds
 
 
 def wait_until(condition, process: subprocess.Popen) -> None:
