@@ -104,12 +104,17 @@ def _status_markdown(folder: Path, status: TrainingStatus) -> str:
     return " | ".join(lines)
 
 
-def _curve(status: TrainingStatus) -> pd.DataFrame:
-    """Loss and validation loss as two lines. Typed columns: an empty frame would make Gradio treat the axes as
-    categories, and a plot that starts empty would then draw loss values as unordered labels with no line."""
-    rows = [(s, float(v), "loss") for s, v in status.losses] + [
-        (s, float(v), "validation") for s, v in status.validation
-    ]
+CURVE_COLORS = {"loss": "#4f46e5", "validation": "#dc2626"}
+
+
+def _curve(status: TrainingStatus) -> pd.DataFrame | None:
+    """Loss and validation loss as two lines, or None before the first value. Gradio's plot keeps the axis types
+    and colour domain of the first frame it draws: an empty frame would leave every later update without lines (loss
+    values as unordered labels), so nothing is sent until there is a number, in typed columns."""
+    rows = [(s, float(v), "loss") for s, v in status.losses]
+    rows += [(s, float(v), "validation") for s, v in status.validation]
+    if not rows:
+        return None
     return pd.DataFrame(
         {
             "step": pd.Series([r[0] for r in rows], dtype="int64"),
@@ -157,11 +162,11 @@ def build_train_tab(output_root: Path, engine=None, generate_tab=None) -> None:
         with gr.Column(scale=1):
             status = gr.Markdown("No run yet.")
             curve = gr.LinePlot(
-                _curve(TrainingStatus("not started")),
+                None,
                 x="step",
                 y="loss",
                 color="series",
-                color_map={"loss": "#4f46e5", "validation": "#dc2626"},
+                color_map=CURVE_COLORS,  # fixes both series from the start: validation may come after the loss
                 x_title="step",
                 y_title="loss",
                 label="Loss",

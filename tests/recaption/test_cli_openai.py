@@ -197,3 +197,22 @@ def test_help_lists_every_option():
     for option in ("--backend", "--concurrency", "--shard", "--overwrite", "--template", "--formats", "--api-key-env"):
         assert option in result.stdout
     assert Path(__file__).exists()
+
+
+def test_lens_txt_sidecars_keep_the_alt_text_as_hint_and_train_as_they_are(tmp_path, fake_server):
+    from training.data import discover_samples
+
+    data = tmp_path / "data"
+    write_images(data, 2)
+    (data / "img000.txt").write_text("my cat")
+    args = [str(data), "--base-url", fake_server.base_url, "--sidecar-extension", ".lens.txt"]
+    assert run_cli(args).returncode == 0
+    assert (data / "img000.txt").read_text() == "my cat"  # the alt-text file is untouched
+    for _ in range(2):  # a second run (overwrite) still reads the alt-text, not its own output, as the hint
+        items = {item["key"]: item for item in progress_items(data)}
+        assert items["img000"]["original_caption"] == "my cat" and "my cat" in items["img000"]["caption"]
+        assert run_cli([*args, "--overwrite"]).returncode == 0
+    # Training on the folder as it is reads the new captions (Recaption recorded .lens.txt in _lens/dataset.json).
+    samples = {sample.key: sample.caption for sample in discover_samples(data)}
+    assert samples == {key: (data / f"{key}.lens.txt").read_text().strip() for key in ("img000", "img001")}
+    assert all(caption.startswith("Scene ") for caption in samples.values())

@@ -118,11 +118,43 @@ def test_the_loss_plot_draws_numbers_from_its_first_frame():
     from training.jobs import TrainingStatus
 
     plot = gr.LinePlot(x="step", y="loss", color="series")
-    empty = plot.postprocess(_curve(TrainingStatus("not started"))).model_dump()
-    status = TrainingStatus("running", losses=[(1, 0.5), (2, 0.25)], validation=[(2, 0.3)])
+    assert _curve(TrainingStatus("not started")) is None  # an empty frame would fix the plot's types for good
+    status = TrainingStatus("running", validation=[(0, 0.31)])
+    first = plot.postprocess(_curve(status)).model_dump()
+    status = TrainingStatus("running", losses=[(1, 0.5), (2, 0.25)], validation=[(0, 0.31), (2, 0.3)])
     full = plot.postprocess(_curve(status)).model_dump()
-    for frame in (empty, full):  # numbers, not categories: a line ordered by step and loss
+    for frame in (first, full):  # numbers, not categories: a line ordered by step and loss
         assert frame["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
-    assert full["data"] == [[1, 0.5, "loss"], [2, 0.25, "loss"], [2, 0.3, "validation"]]
+    assert full["data"] == [[1, 0.5, "loss"], [2, 0.25, "loss"], [0, 0.31, "validation"], [2, 0.3, "validation"]]
     if not __import__("torch").cuda.is_available():
         assert default_preset() == "cpu"
+
+
+@pytest.mark.browser
+def test_the_loss_plot_draws_loss_and_validation_lines_in_a_browser(client, tiny_checkpoint, tmp_path):
+    from browser_support import chromium_page
+
+    api, _root = client
+    dataset = make_toy_dataset(tmp_path / "data", copies=2)
+    settings = _start_args(dataset, tiny_checkpoint, "plot", 12, "data.validation_count=1\nmonitor.validate_every=4")[
+        -1
+    ]
+    with chromium_page((1400, 1200)) as page:
+        page.goto(api.src)
+        page.get_by_label("Dataset folder").fill(str(dataset))
+        page.get_by_label("Base model").fill(str(tiny_checkpoint))
+        page.get_by_label("Run name").fill("plot")
+        page.get_by_label("Steps").fill("12")
+        page.get_by_label("More settings (key=value per line)").fill(settings)
+        page.get_by_label("More settings (key=value per line)").press("Tab")  # Gradio syncs a textbox on blur
+        page.get_by_role("button", name="Start").click()
+        page.get_by_text("plot: done").first.wait_for(timeout=300_000)
+        # Two line marks (loss, validation), each through several points: the plot kept numeric axes and both
+        # colours although it was empty when the page opened.
+        page.wait_for_function(
+            """() => {
+                const lines = [...document.querySelectorAll('g.mark-line path')].map(p => p.getAttribute('d') || '');
+                return lines.length >= 2 && lines.every(d => (d.match(/L/g) || []).length >= 2);
+            }""",
+            timeout=30_000,
+        )
