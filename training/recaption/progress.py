@@ -36,7 +36,9 @@ def report_path(output_dir: Path, shard_index: int = 0, shard_count: int = 1) ->
 def latest_items(output_dir: Path) -> dict[str, dict[str, Any]]:
     """key -> the latest 'item' record over every progress file of ``output_dir`` (all shards, all runs)."""
     latest: dict[str, dict[str, Any]] = {}
-    paths = sorted(lens_folder(output_dir).glob("progress*.jsonl"), key=lambda path: path.stat().st_mtime)
+    # Journals of earlier versions sit next to the images (before _lens/ existed): read them too, oldest first.
+    found = [*Path(output_dir).glob("progress*.jsonl"), *lens_folder(output_dir).glob("progress*.jsonl")]
+    paths = sorted(found, key=lambda path: path.stat().st_mtime)
     for path in paths:
         for event in read_events(path):
             if event.get("event") == "item" and isinstance(event.get("key"), str):
