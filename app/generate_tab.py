@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import queue
 import threading
@@ -188,6 +189,7 @@ class GenerateTab:
     memory_mode: gr.Dropdown
     lora_names: list
     lora_weights: list
+    lora_panel: gr.Accordion  # opened when another tab (Train) selects a LoRA, so the selection is seen
     rewriter_backend: gr.Radio
     rewritten: gr.Textbox
     use_rewritten: gr.Checkbox
@@ -301,6 +303,18 @@ def _rewriter_choices(hosting: Hosting) -> list[tuple[str, str]]:
     return choices
 
 
+def select_loras(tab: GenerateTab, engine: LensEngine, workspace: Path | None = None) -> dict:
+    """Updates that show `workspace`'s active LoRA set in the tab's LoRA slots (the rest cleared) with the panel open:
+    what another tab (Train's "Load in Generate tab") returns after changing the set."""
+    choices, active = _lora_choices(engine, workspace), engine.active_loras(workspace)[: len(tab.lora_names)]
+    updates: dict = {tab.lora_panel: gr.update(open=True)}
+    for slot, (name_box, weight_box) in enumerate(zip(tab.lora_names, tab.lora_weights, strict=True)):
+        name, weight = active[slot] if slot < len(active) else (NO_LORA, 1.0)
+        updates[name_box] = gr.update(choices=choices, value=name)
+        updates[weight_box] = weight
+    return updates
+
+
 def _build_prompt_inputs(hosting: Hosting, preset) -> dict:
     parts = {}
     parts["prompt"] = gr.Textbox(
@@ -357,7 +371,7 @@ def _build_sampling_inputs(engine: LensEngine, preset) -> dict:
 
 def _build_model_inputs(engine: LensEngine, hosting: Hosting) -> dict:
     parts = {"lora_names": [], "lora_weights": []}
-    with gr.Accordion("Memory mode and LoRAs", open=False):
+    with gr.Accordion("Memory mode and LoRAs", open=False) as parts["lora_panel"]:
         admin_note = " (admins only on this shared server: it reloads the model for everyone)" if hosting.shared else ""
         parts["memory_mode"] = gr.Dropdown(
             _memory_choices(), value=engine.config.memory_mode, label=f"Memory mode{admin_note}"
@@ -670,7 +684,14 @@ def _wire_rewriter(tab: GenerateTab, engine: LensEngine, hosting: Hosting, butto
     )
 
 
-def _parse_api_loras(loras) -> list[tuple[str, float]]:
+ACTIVE_LORAS = "active"  # the /generate default: the caller's active LoRAs
+
+
+def _parse_api_loras(loras) -> list[tuple[str, float]] | None:
+    # "active" (the parameter left out) or null: the caller's active LoRAs, e.g. one the Train tab loaded; [] removes
+    # them all.
+    if loras is None or loras == ACTIVE_LORAS:
+        return None
     if not loras:
         return []
     if not isinstance(loras, list):
@@ -729,8 +750,9 @@ def api_request(
 def _build_api(tab: GenerateTab, engine: LensEngine, hosting: Hosting) -> None:
     """`/generate`: named parameters, returns the saved PNG files and the settings used (for gradio_client).
 
-    `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default". The job stops
-    at its next step when the caller cancels (`/cancel`, or gradio_client's `Job.cancel()`) or disconnects."""
+    `seed`, `num_inference_steps` and `guidance_scale` take -1 for "random" / "the variant's default"; `loras` left
+    out ("active") uses the caller's active LoRAs (the Generate tab's selection), [] removes them. The job stops at
+    its next step when the caller cancels (`/cancel`, or gradio_client's `Job.cancel()`) or disconnects."""
     with gr.Column(visible=False):
         fields = [
             gr.Textbox(value="", label="prompt"),
@@ -743,7 +765,7 @@ def _build_api(tab: GenerateTab, engine: LensEngine, hosting: Hosting) -> None:
             gr.Textbox(value="Lens-Turbo", label="variant"),
             gr.Number(value=1, label="batch_count"),
             gr.Number(value=1, label="batch_size"),
-            gr.JSON(value=[], label="loras"),
+            gr.JSON(value=json.dumps(ACTIVE_LORAS), label="loras"),  # a JSON component reads a string as JSON
         ]
         files, info = gr.File(file_count="multiple"), gr.JSON()
         trigger = gr.Button()

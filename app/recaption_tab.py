@@ -1,7 +1,8 @@
 """The Recaption tab: pick a dataset, preview 4 captions, run / stop / resume the job, then review and edit.
 
-The job is ``python -m training.recaption`` in its own process (``training.recaption.job``), so the UI stays
-responsive and a closed browser loses nothing. Everything per user lives in ``gr.State``; nothing is shared.
+The job is ``python -m training.recaption`` in its own process (the job layer of ``training.jobs``, shared with the
+Train tab), so the UI stays responsive and a closed browser loses nothing. Everything per user lives in
+``gr.State``; nothing is shared.
 
 In ``personal`` mode the person at the machine types folders, a server URL and the name of the key's environment
 variable. In ``shared`` mode a visitor picks one of their own uploaded datasets and one of the server's configured
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -34,9 +36,12 @@ from app.uploads import (
     new_upload_folder,
     save_dataset_files,
 )
+from lens_core.image_io import BadImageError, load_image
+from training.jobs import Job, start_recaption
 from training.recaption.config import BACKENDS, OUTPUT_FORMATS, PRECISIONS, RecaptionConfig
-from training.recaption.job import RecaptionJob
+from training.recaption.progress import report_path
 from training.recaption.review import captioned_records, save_caption
+from training.recaption.runner import resolve_output_dir
 from training.recaption.templates import PRESETS
 from training.recaption.writers import sidecar_path
 
@@ -54,7 +59,8 @@ class RecaptionSession:
     folder and image of this session must lie in."""
 
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    job: RecaptionJob | None = None
+    job: Job | None = None
+    config: RecaptionConfig | None = None  # the running (or last) job's settings
     output_dir: str | None = None
     confined_to: str | None = None
 
@@ -136,12 +142,9 @@ def extract_zip(
 def _thumbnail(record: dict[str, Any], session: RecaptionSession | None = None) -> tuple[Image.Image, str] | None:
     if not record.get("image") or (session is not None and not session.allows(record["image"])):
         return None
-    try:
-        with Image.open(record["image"]) as image:
-            image.seek(0)
-            thumb = image.convert("RGB")
-            thumb.thumbnail((160, 160))
-    except (OSError, ValueError):
+    try:  # the pixels the captioner saw: upright, alpha on white, first frame
+        thumb = load_image(record["image"], max_side=160).image
+    except BadImageError:
         return None
     return thumb, f"{record['key']}: {record.get('caption', '')[:140]}"
 
@@ -189,7 +192,8 @@ def statistics(output_dir: str | None) -> tuple[dict | None, Image.Image | None]
     """The run's report and histogram, when written (the histogram as an image: the folder may not be served)."""
     if not output_dir:
         return None, None
-    report, histogram = Path(output_dir) / "recaption_report.json", Path(output_dir) / "recaption_histogram.png"
+    report = report_path(Path(output_dir))
+    histogram = report.with_name("recaption_histogram.png")
     data = json.loads(report.read_text(encoding="utf-8")) if report.exists() else None
     return data, Image.open(histogram).copy() if histogram.exists() else None
 
@@ -212,10 +216,10 @@ def start_job(
     config = build_config(values, overwrite=False) if resume else build_config(values)
     try:
         config_dir = output_root / "recaption_jobs" / session.session_id / uuid.uuid4().hex[:8]
-        session.job = RecaptionJob.start(config, config_dir)
+        session.job, session.config = start_recaption(config, config_dir), config
     except (OSError, ValueError) as error:
         raise gr.Error(f"Could not start the job: {error}") from None
-    session.output_dir = str(session.job.output_dir)
+    session.output_dir = str(resolve_output_dir(config))
     return session, f"Started: captions go to {_shown(session, session.output_dir)}", gr.Timer(active=True)
 
 
@@ -237,7 +241,8 @@ def stop_job(state: RecaptionSession | None) -> str:
     session = _session(state)
     if session.job is None or not session.job.running():
         raise gr.Error("No recaption job is running.")
-    session.job.stop()
+    session.job.stop(grace_seconds=10)  # SIGTERM: the run records 'stopped' and exits; SIGKILL after 10 s
+    session.job.wait_quietly(15)
     return "Stopped. Press Resume to continue where it left off."
 
 
@@ -248,10 +253,10 @@ def preview(state: RecaptionSession | None, values: dict[str, Any], output_root:
     config = build_config(
         values, output_dir=str(scratch / "out"), formats=["jsonl"], limit=PREVIEW_IMAGES, overwrite=True
     )
-    job = RecaptionJob.start(config, scratch)
+    job = start_recaption(config, scratch)
     try:
         job.wait(timeout=600)
-    except Exception:  # noqa: BLE001 - any wait failure: stop the child, then report
+    except subprocess.TimeoutExpired:
         job.stop(grace_seconds=2)
         raise gr.Error("The preview took longer than 10 minutes and was stopped.") from None
     items = [event for event in job.events() if event.get("event") == "item"]
@@ -295,7 +300,7 @@ def save_edit(state: RecaptionSession | None, key: str | None, caption: str, fla
         raise gr.Error("Wait for the job to finish (or stop it) before editing captions.")
     if not key or not session.output_dir:
         raise gr.Error("Load the captions and choose an image first.")
-    config = session.job.config if session.job else None
+    config = session.config
     extension = config.sidecar_extension if config else ".txt"
     if not session.allows(sidecar_path(Path(session.output_dir), key, extension)):
         raise gr.Error(f"The caption of {key!r} would be written outside your workspace; it was not saved.")

@@ -1,7 +1,10 @@
 """The Train tab: pick a dataset and a preset, start a training process, watch it, stop / resume, use the LoRA.
 
-The job is `python -m training.train` in its own process (`training.job.TrainingJob`); this tab only writes the
-config, launches, and tails `progress.jsonl`. The run folder of the session lives in `gr.State`.
+The job is `python -m training.train` in its own process (the job layer of `training.jobs`, shared with the Recaption
+tab); this tab only writes the config, launches, and tails `progress.jsonl`. The run folder of the session lives in
+`gr.State`. The preset and step count default to what this machine can run (a CPU gets the `cpu` preset), Stop takes
+effect at the next step, and "Load in Generate tab" activates the LoRA in the engine and selects it in the Generate
+tab's LoRA slots, where it stays until the user changes it.
 
 On a shared server training is off unless the server runs with `--allow-training`; then a visitor trains on one of
 their uploaded datasets, the base model is the server's, runs live in their workspace, and "More settings" accepts
@@ -20,14 +23,16 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+import torch
 
 from app.access import Hosting
+from app.generate_tab import select_loras
 from app.serving import served_copy
 from app.uploads import list_datasets
-from lens_core.engine import list_loras
+from lens_core.engine import EngineNotReady, list_loras
 from lens_core.presets import TINY_MODEL, VARIANTS
-from training.config import PRESET_ORDER, TrainConfig, parse_override
-from training.job import JobStatus, TrainingJob
+from training.config import PRESET_NAMES, TrainConfig, parse_override
+from training.jobs import Job, TrainingStatus, resume_training, start_training, training_status
 
 logger = logging.getLogger(__name__)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -61,6 +66,7 @@ def shared_setting_keys() -> set[str]:
 
     walk(TrainConfig(), "")
     return keys - NOT_FROM_VISITORS
+
 
 
 @dataclass
@@ -129,7 +135,19 @@ def run_folder(output_root: Path, run_name: str) -> Path:
     return Path(output_root) / run_name
 
 
-def _status_markdown(folder: Path, status: JobStatus) -> str:
+LORA_PRESETS = ("12gb", "16gb", "24gb")  # the 48gb preset is full fine-tuning, not a LoRA: never a default here
+
+
+def default_preset() -> str:
+    """The preset this machine runs: `cpu` without CUDA, else the largest LoRA preset the GPU's memory holds."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    fitting = [name for name in LORA_PRESETS if int(name.removesuffix("gb")) <= total_gb + 0.5]
+    return fitting[-1] if fitting else LORA_PRESETS[0]
+
+
+def _status_markdown(folder: Path, status: TrainingStatus) -> str:
     lines = [f"**{folder.name}**: {status.state}, step {status.step} / {status.max_steps or '?'}"]
     if status.losses:
         lines.append(f"loss {status.losses[-1][1]:.4f}")
@@ -138,19 +156,38 @@ def _status_markdown(folder: Path, status: JobStatus) -> str:
     if status.eta_s is not None and status.state == "running":
         minutes, seconds = divmod(int(status.eta_s), 60)
         lines.append(f"ETA {minutes} min {seconds:02d} s")
+    if status.data_summary:
+        lines.append(status.data_summary)
     if status.message:
         lines.append(status.message)
     return " | ".join(lines)
 
 
-def _curve(status: JobStatus) -> pd.DataFrame:
-    rows = [{"step": s, "loss": v, "series": "train"} for s, v in status.losses]
-    rows += [{"step": s, "loss": v, "series": "validation"} for s, v in status.validation]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+CURVE_COLORS = {"loss": "#4f46e5", "validation": "#dc2626"}
 
 
-def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = None) -> None:
-    """Build the tab's widgets and events inside the caller's `with gr.Tab("Train"):`."""
+def _curve(status: TrainingStatus) -> pd.DataFrame | None:
+    """Loss and validation loss as two lines, or None before the first value. Gradio's plot keeps the axis types
+    and colour domain of the first frame it draws: an empty frame would leave every later update without lines (loss
+    values as unordered labels), so nothing is sent until there is a number, in typed columns."""
+    rows = [(s, float(v), "loss") for s, v in status.losses]
+    rows += [(s, float(v), "validation") for s, v in status.validation]
+    if not rows:
+        return None
+    return pd.DataFrame(
+        {
+            "step": pd.Series([r[0] for r in rows], dtype="int64"),
+            "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+            "series": pd.Series([r[2] for r in rows], dtype="object"),
+        }
+    )
+
+
+def build_train_tab(
+    output_root: Path, engine=None, hosting: Hosting | None = None, generate_tab=None
+) -> None:
+    """Build the tab's widgets and events inside the caller's `with gr.Tab("Train"):`. With `engine` and
+    `generate_tab` (the Generate tab's components), "Load in Generate tab" hands the LoRA over to them."""
     output_root = Path(output_root)
     hosting = hosting or Hosting.personal(output_root.parent)
     folder_state = gr.State("")
@@ -169,10 +206,16 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
             else:
                 dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
                 model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
-            preset = gr.Dropdown(list(PRESET_ORDER), value="16gb", label="Card preset")
+            preset = gr.Dropdown(
+                list(PRESET_NAMES),
+                value=default_preset(),
+                label="Preset",
+                info="card sizes (simulated peaks in the README); cpu: a machine without CUDA",
+            )
             run_name = gr.Textbox(label="Run name", value="my-lora")
             with gr.Row():
-                max_steps = gr.Number(label="Steps", value=1000, precision=0, minimum=1)
+                steps = 1000 if torch.cuda.is_available() else 200
+                max_steps = gr.Number(label="Steps", value=steps, precision=0, minimum=1)
                 learning_rate = gr.Number(label="Learning rate", value=1e-4, minimum=0)
                 rank = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1)
             trigger_word = gr.Textbox(label="Trigger word")
@@ -188,7 +231,17 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
                 resume = gr.Button("Resume")
         with gr.Column(scale=1):
             status = gr.Markdown("No run yet.")
-            curve = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=260)
+            curve = gr.LinePlot(
+                None,
+                x="step",
+                y="loss",
+                color="series",
+                color_map=CURVE_COLORS,  # fixes both series from the start: validation may come after the loss
+                x_title="step",
+                y_title="loss",
+                label="Loss",
+                height=260,
+            )
             samples = gr.Gallery(label="Samples", columns=4, height=260)
             lora_path = gr.Textbox(label="Trained LoRA", interactive=False)
             load = gr.Button("Load in Generate tab")
@@ -208,8 +261,8 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
 
     def refresh(folder: str):
         if not folder:
-            return "No run yet.", _curve(JobStatus("not started")), [], ""
-        job_status = TrainingJob(folder).status()
+            return "No run yet.", _curve(TrainingStatus("not started")), [], ""
+        job_status = training_status(folder)
         lora = job_status.outputs.get("diffusers", "")
         if hosting.shared and lora:
             # The LoRA's name in the caller's workspace (training/<run>/...), as the Generate tab lists it.
@@ -242,13 +295,15 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
         try:
             train = checked_request(values, request)
             folder = run_folder(runs_root(request), train.run_name)
-            TrainingJob(folder).start({}, train.overrides())
+            start_training(folder, {}, train.overrides())
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return (str(folder), *refresh(str(folder)))
 
     def on_stop(folder: str):
-        if not folder or not TrainingJob(folder).stop():
+        job = Job.attach(folder) if folder else None
+        # SIGTERM now (the run checkpoints and exits at the end of its current step); SIGKILL if it hangs.
+        if job is None or not job.stop(grace_seconds=300):
             raise gr.Error("No training process is running for this session.")
         return refresh(folder)
 
@@ -256,37 +311,46 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
         hosting.require_training()
         try:
             folder = folder or str(run_folder(runs_root(request), run))
-            TrainingJob(folder).resume()
+            resume_training(folder)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return (folder, *refresh(folder))
 
+    handoff = []  # the Generate tab's LoRA slots and their panel, which "Load in Generate tab" updates
+    if generate_tab is not None:
+        handoff = [*generate_tab.lora_names, *generate_tab.lora_weights, generate_tab.lora_panel]
+
     def on_load(path: str, request: gr.Request):
         if not path:
             raise gr.Error("No finished LoRA yet: it appears here when the run is done.")
+        workspace_root = hosting.workspace(request).root
         if hosting.shared:
             # A LoRA name the Generate tab offers this caller (the text box's value comes from the client).
-            offered = list_loras(hosting.output_dir, hosting.workspace(request).root)
+            offered = list_loras(hosting.output_dir, workspace_root)
             if path not in offered:
                 raise gr.Error(f"{path!r} is not one of your LoRAs; yours: {sorted(offered) or 'none yet'}.")
         if engine is None:
-            return f"The LoRA is at `{path}`; no generation engine is running in this app."
-        workspace_root = hosting.workspace(request).root
+            return {load_message: f"The LoRA is at `{path}`; no generation engine is running in this app."}
         try:
+            # This caller's active set until they change it in the Generate tab (never another visitor's).
             engine.set_loras([(path, 1.0)], workspace_root)
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-        return f"Loaded `{Path(path).name}` in the Generate tab (weight 1.0)."
+        except (ValueError, OSError, EngineNotReady) as error:
+            raise gr.Error(f"Could not load the LoRA: {error}") from None
+        name = engine.active_loras(workspace_root)[0][0]
+        updates = {load_message: f"Loaded `{name}` (weight 1.0): it is selected in the Generate tab's LoRA 1 slot."}
+        if generate_tab is not None:
+            updates.update(select_loras(generate_tab, engine, workspace_root))
+        return updates
 
     views = [status, curve, samples, lora_path]
     start.click(on_start, inputs, [folder_state, *views], api_name="train_start")
     stop.click(on_stop, folder_state, views, api_name="train_stop")
     resume.click(on_resume, [run_name, folder_state], [folder_state, *views], api_name="train_resume")
-    load.click(on_load, lora_path, load_message, api_name="train_load_lora")
+    load.click(on_load, lora_path, [load_message, *handoff], api_name="train_load_lora")
     refresh_button = gr.Button("Refresh", size="sm")
     refresh_button.click(refresh, folder_state, views, api_name="train_status", queue=False)
     # The poll never takes a queue slot: a busy GPU queue must not refuse (or delay) an idle page's refresh.
-    gr.Timer(3.0).tick(refresh, folder_state, views, api_visibility="private", queue=False, show_progress="hidden")
+    gr.Timer(2.0).tick(refresh, folder_state, views, api_visibility="private", queue=False, show_progress="hidden")
     if hosting.shared:
 
         def dataset_choices(current, request: gr.Request):

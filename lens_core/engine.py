@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -66,6 +66,8 @@ class GenerationRequest:
 
     `num_inference_steps` / `guidance_scale` None mean "the variant's default" (recorded as numbers in the saved
     settings). `seed` None means a random seed, drawn once and then shown and saved. Image i of the job uses seed + i.
+    `loras` None means "the engine's active LoRA set" (what the Generate tab shows, e.g. a LoRA the Train tab just
+    loaded); a list, even an empty one, sets exactly those LoRAs, and they stay active for the next requests.
     """
 
     prompt: str
@@ -78,7 +80,7 @@ class GenerationRequest:
     seed: int | None = None
     batch_count: int = 1  # batches run one after another
     batch_size: int = 1  # images denoised together in one batch
-    loras: list[tuple[str, float]] = field(default_factory=list)  # (name under the LoRA folders, weight)
+    loras: list[tuple[str, float]] | None = None  # (name under the LoRA folders, weight); None: keep the active set
     original_prompt: str | None = None  # the user's text before the prompt rewriter, if it was used
     preview_every: int = 0  # steps between latent previews; 0 = none
 
@@ -127,7 +129,9 @@ class GenerationRequest:
                 f"can be at most {MAX_SEED - self.total_images + 1}."
             )
         _check_int("preview_every", self.preview_every, 0, MAX_STEPS)
-        for item in self.loras:
+        if self.loras is not None and not isinstance(self.loras, (list, tuple)):
+            raise ValueError(f"loras must be a list of (name, weight) pairs or None, got {self.loras!r}.")
+        for item in self.loras or []:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(f"Each LoRA must be (name, weight), got {item!r}.")
             weight = item[1]
@@ -275,8 +279,10 @@ class LensEngine:
         self.model_label = config.model
         self.status = "not loaded"  # "loading", "ready" or "error"
         self.load_error: str | None = None
-        self.loras: list[tuple[str, float]] = []
+        self.loras: list[tuple[str, float]] = []  # the LoRAs loaded in the pipeline now (names as their caller named them)
         self._lora_files: list[tuple[Path, float]] = []  # what is loaded: names differ per workspace, files do not
+        # Per workspace, the set its requests with `loras=None` use: one visitor's choice never reaches another's images.
+        self._active_loras: dict[Path, list[tuple[str, float]]] = {}
         self._file_counter = 0
         self._local_rewriter = None  # LocalGptOssRewriter, loaded on first use
 
@@ -432,9 +438,16 @@ class LensEngine:
                 raise
             return self.pipe.memory_mode
 
+    def active_loras(self, workspace: Path | None = None) -> list[tuple[str, float]]:
+        """The LoRA set `workspace`'s last `set_loras` chose (what its requests with `loras=None` use)."""
+        return list(self._active_loras.get(self._workspace_key(workspace), []))
+
+    def _workspace_key(self, workspace: Path | None) -> Path:
+        return Path(workspace if workspace is not None else self.config.output_dir).resolve()
+
     def set_loras(self, loras: list[tuple[str, float]], workspace: Path | None = None) -> None:
-        """Activate exactly these LoRAs: (name from `list_loras(output_dir, workspace)`, weight). An empty list
-        removes all."""
+        """Activate exactly these LoRAs for `workspace`: (name from `list_loras(output_dir, workspace)`, weight). An
+        empty list removes all. They stay `workspace`'s active set until it sets another."""
         with self.lock:
             pipe = self._require_pipe()
             available = list_loras(self.config.output_dir, workspace)
@@ -446,7 +459,7 @@ class LensEngine:
                 raise ValueError(f"Unknown LoRA {unknown[0]!r}; available: {sorted(available) or 'none'}.")
             files = [(available[name].resolve(), weight) for name, weight in wanted]
             if files == self._lora_files:
-                self.loras = wanted
+                self.loras = self._active_loras[self._workspace_key(workspace)] = wanted
                 return
             missing = [m for m in ("load_lora_weights", "unload_lora_weights") if not hasattr(pipe, m)]
             if missing:
@@ -459,6 +472,7 @@ class LensEngine:
             if adapters and hasattr(pipe, "set_adapters"):
                 pipe.set_adapters(adapters, adapter_weights=[weight for _, weight in wanted])
             self.loras, self._lora_files = wanted, files
+            self._active_loras[self._workspace_key(workspace)] = wanted
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
@@ -482,7 +496,9 @@ class LensEngine:
             if cancel_event is not None and cancel_event.is_set():
                 raise GenerationCancelled("Cancelled before it started; nothing was saved.")
             preset = self.set_variant(request.variant, allow_reload=allow_model_reload)
-            self.set_loras(list(request.loras), workspace)
+            # None: the caller's active set stays (e.g. a LoRA the Train tab loaded), until the caller changes it.
+            loras = self.active_loras(workspace) if request.loras is None else list(request.loras)
+            self.set_loras(loras, workspace)
             steps = request.num_inference_steps or preset.num_inference_steps
             guidance = preset.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
             seed = random.randrange(MAX_SEED - request.total_images) if request.seed is None else request.seed

@@ -4,6 +4,11 @@ The modulation layers (`img_mod`, `txt_mod`), `time_text_embed` and `norm_out.li
 quantizing them causes grid artifacts and broken text on Lens-Turbo (LENS_SPEC section 9). The pipeline reads its
 compute dtype from `time_text_embed`, so that stays the loaded dtype too.
 
+This is the one quantizer of the project: the app's memory modes and the trainer's frozen base
+(`training.base_precision`, QLoRA) both call `quantize_transformer`, with one keep list (`KEEP_IN_HIGH_PRECISION`) and
+one int8 threshold (`INT8_OUTLIER_THRESHOLD`), so an adapter is trained against exactly the base it runs on. The fp8
+path keeps `nn.Linear` modules (torchao swaps their weight for a float8 tensor), which PEFT wraps for training.
+
     quantize_transformer(pipe.transformer, "nf4")   # in place; returns the model
 """
 
@@ -69,6 +74,9 @@ PRECISIONS: dict[str, Precision] = {
 }
 # Never quantized: see the module docstring.
 KEEP_IN_HIGH_PRECISION = ("img_mod", "txt_mod", "time_text_embed", "norm_out.linear")
+# LLM.int8 without the fp16 outlier split (0.0): every weight is stored and multiplied as int8, the memory the
+# precision table promises; a split would keep outlier columns in fp16 and differ between machines.
+INT8_OUTLIER_THRESHOLD = 0.0
 
 
 def get_precision(name: str) -> Precision:
@@ -171,7 +179,11 @@ def _bitsandbytes_linear(linear: nn.Linear, name: str, compute_dtype: torch.dtyp
     with torch.device("meta"):  # the placeholders are replaced below; do not allocate them
         if name == "int8":
             layer = bnb.nn.Linear8bitLt(
-                linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False, threshold=0.0
+                linear.in_features,
+                linear.out_features,
+                bias=bias is not None,
+                has_fp16_weights=False,
+                threshold=INT8_OUTLIER_THRESHOLD,
             )
         else:
             layer = bnb.nn.Linear4bit(

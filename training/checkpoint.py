@@ -41,18 +41,29 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """`latest` -> the newest checkpoint (None when there is none yet); a path -> that checkpoint."""
+    """`latest` -> the newest checkpoint (a ValueError when there is none: resuming must not silently start over);
+    a path -> that checkpoint; None -> a fresh run."""
     if resume in (None, ""):
         return None
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        if not checkpoints:
+            raise ValueError(
+                f"--resume latest: {checkpoint_root(output_dir)} holds no checkpoint yet, so there is nothing to resume; "
+                "start the run without --resume (cached features are reused)."
+            )
+        return checkpoints[-1]
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise ValueError(
             f"--resume {resume!r} is not a checkpoint folder (no state.json); use 'latest' or a step-NNNNNN folder."
         )
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at (from its state.json, without loading it)."""
+    return int(json.loads((Path(path) / "state.json").read_text())["step"])
 
 
 def rng_state(generator: torch.Generator) -> dict:

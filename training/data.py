@@ -1,33 +1,32 @@
-"""Training data: reading captioned images from folders, webdataset tars and Parquet, and fitting them to buckets.
+"""Training data: the captioned images of a dataset (read through the contract in `training.dataset`), checked before
+any model is loaded, and fitted to aspect buckets.
 
-Accepted layouts (what the Recaption tool writes, and the common hub formats):
-- a folder of images with `<stem>.txt` caption sidecars and/or `metadata.jsonl` lines `{"file_name": ..., "text": ...}`
-  (Hugging Face imagefolder; the jsonl caption wins when both exist);
-- a webdataset `.tar` (or a folder of them): members `<key>.jpg|png|webp` + `<key>.txt`;
-- a `.parquet` file with an image column (bytes or {"bytes": ...}) and a `text` / `caption` column.
+`inspect_dataset` reads the dataset, decodes every image once with `lens_core.image_io` (the same decoder Recaption
+uses, so both see the same pixels), and sorts the images into usable (with their bucket), missing a caption, bad
+(unreadable, with the reason) and too small. The result is written to `<output_dir>/data_report.json` by the trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import tarfile
-from dataclasses import dataclass
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
+from lens_core.atomic_io import atomic_write_text
+from lens_core.image_io import DEFAULT_MAX_PIXELS, BadImageError, load_image, read_source
 from lens_core.presets import TRAINING_BUCKETS
 
-logger = logging.getLogger(__name__)
+from .dataset import read_dataset
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_COLUMNS = ("text", "caption", "prompt")
-IMAGE_COLUMNS = ("image", "img", "jpg", "png")
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -36,133 +35,50 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One captioned image: where it came from, its bytes' hash and its caption."""
+    """One captioned image of a dataset: where it is (for messages), its key, its caption and how to read it."""
 
-    source: str  # a path, or "archive::member" for tars and parquet rows
+    source: str  # a path, "shard.tar::key" or "file.parquet row N"
+    key: str
     caption: str
-    content_hash: str
-    image_bytes: bytes | None = None  # tars and parquet keep the bytes; folders read the file on demand
+    read_bytes: object  # () -> bytes
 
-    def open_image(self) -> PIL.Image.Image:
-        data = self.image_bytes if self.image_bytes is not None else Path(self.source).read_bytes()
-        image = PIL.Image.open(io.BytesIO(data))
-        return image.convert("RGB")
+    def load_image(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image.Image:
+        """The upright 8-bit RGB image (`lens_core.image_io`); `BadImageError` names this sample's source."""
+        return load_image(self.read_bytes, name=self.source, max_pixels=max_pixels).image
 
 
-def _hash_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:32]
+def discover_samples(path: str | Path, *, format: str = "auto", caption_source: str = "auto") -> list[Sample]:  # noqa: A002
+    """The captioned images of a dataset in a stable order; images without a caption are skipped with a warning,
+    and a dataset with none is a `DatasetError`."""
+    return _discover(path, format, caption_source)[0]
 
 
-def _folder_samples(folder: Path) -> list[Sample]:
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-    captions: dict[Path, str] = {}
-    metadata = folder / "metadata.jsonl"
-    if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[(folder / row["file_name"]).resolve()] = str(row.get("text", row.get("caption", "")))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise DatasetError(
-                    f"{metadata} line {number} is not a JSON object with 'file_name' and 'text': {error}"
-                ) from error
-    samples, missing = [], []
-    for image in images:
-        caption = captions.get(image.resolve())
-        sidecar = image.with_suffix(".txt")
-        if caption is None and sidecar.is_file():
-            caption = sidecar.read_text(encoding="utf-8").strip()
-        if not caption:
-            missing.append(image.name)
-            continue
-        samples.append(Sample(str(image), caption, _hash_bytes(image.read_bytes())))
-    _report_missing(folder, missing, len(images))
-    return samples
-
-
-def _report_missing(source: Path, missing: list[str], total: int) -> None:
-    if missing and len(missing) == total:
+def _discover(path, format_name: str, caption_source: str) -> tuple[list[Sample], list[str], object]:
+    try:
+        dataset = read_dataset(path, format=format_name, caption_source=caption_source)
+    except ValueError as error:
+        raise DatasetError(str(error)) from None
+    for note in dataset.notes:
+        logger.info("Dataset: %s", note)
+    if not dataset.items:
+        raise DatasetError(f"{path} holds no images ({dataset.format}; image files end in .png .jpg .jpeg .webp ...).")
+    samples = [Sample(i.source, i.key, i.caption, i.read_bytes) for i in dataset.items if i.caption]
+    missing = [item.source for item in dataset.items if not item.caption]
+    if not samples:
         raise DatasetError(
-            f"None of the {total} images in {source} has a caption: add <stem>.txt files or a metadata.jsonl with "
-            f"file_name/text (the Recaption tab writes both)."
+            f"None of the {len(dataset.items)} images in {path} has a caption in {dataset.caption_source}: add "
+            f"<stem>.txt files or a metadata.jsonl with file_name/text (Recaption writes them), or choose another "
+            f"data.caption_source."
         )
     if missing:
-        logger.warning("%d of %d images have no caption and are skipped (e.g. %s).", len(missing), total, missing[:3])
-
-
-def _tar_samples(archive: Path) -> list[Sample]:
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition(".")
-            groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-    samples, missing, total = [], [], 0
-    for key in sorted(groups):
-        parts = groups[key]
-        image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
-        if image is None:
-            continue
-        total += 1
-        caption = parts.get("txt", b"").decode("utf-8").strip()
-        if not caption:
-            missing.append(key)
-            continue
-        samples.append(Sample(f"{archive}::{key}", caption, _hash_bytes(image), image))
-    if total == 0:
-        raise DatasetError(f"{archive} holds no images (webdataset members <key>.png|jpg|webp + <key>.txt).")
-    _report_missing(archive, missing, total)
-    return samples
-
-
-def _parquet_samples(path: Path) -> list[Sample]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    columns = table.column_names
-    text_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
-    if text_column is None or image_column is None:
-        raise DatasetError(
-            f"{path} needs an image column ({IMAGE_COLUMNS}) and a caption column ({CAPTION_COLUMNS}); it has {columns}."
+        logger.warning(
+            "%d of %d images have no caption in %s and are skipped (e.g. %s).",
+            len(missing),
+            len(dataset.items),
+            dataset.caption_source,
+            [Path(m).name for m in missing[:3]],
         )
-    samples, missing = [], []
-    for index, (image, text) in enumerate(
-        zip(table[image_column].to_pylist(), table[text_column].to_pylist(), strict=True)
-    ):
-        data = image.get("bytes") if isinstance(image, dict) else image
-        if not text:
-            missing.append(str(index))
-            continue
-        samples.append(Sample(f"{path}::{index}", str(text).strip(), _hash_bytes(data), data))
-    if table.num_rows == 0:
-        raise DatasetError(f"{path} has no rows.")
-    _report_missing(path, missing, table.num_rows)
-    return samples
-
-
-def discover_samples(path: str | Path) -> list[Sample]:
-    """All captioned images of a dataset, in a stable order."""
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"Dataset {path} does not exist.")
-    if path.is_file() and path.suffix == ".tar":
-        return _tar_samples(path)
-    if path.is_file() and path.suffix == ".parquet":
-        return _parquet_samples(path)
-    if path.is_dir():
-        tars, parquets = sorted(path.glob("*.tar")), sorted(path.glob("*.parquet"))
-        if tars or parquets:
-            return [s for file in tars for s in _tar_samples(file)] + [
-                s for file in parquets for s in _parquet_samples(file)
-            ]
-        return _folder_samples(path)
-    raise DatasetError(f"{path} is not a dataset: give an image folder, a webdataset .tar or a .parquet file.")
+    return samples, missing, dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,32 +122,101 @@ def fit_to_bucket(image: PIL.Image.Image, bucket: tuple[int, int]) -> torch.Tens
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
-def assign_buckets(
-    samples: list[Sample], buckets: list[tuple[int, int]], max_upscale: float
-) -> dict[int, tuple[int, int]]:
-    """Index -> bucket for every usable sample; too-small images are reported, and all too small is an error."""
-    assigned, too_small = {}, []
-    for index, sample in enumerate(samples):
-        with PIL.Image.open(
-            io.BytesIO(sample.image_bytes) if sample.image_bytes is not None else sample.source
-        ) as image:
-            size = image.size
-        bucket = choose_bucket(size[0], size[1], buckets, max_upscale)
+@dataclass(frozen=True)
+class PlannedSample:
+    """A usable sample with its content hash (the cache key of its latents) and its bucket."""
+
+    sample: Sample
+    content_hash: str
+    bucket: tuple[int, int]  # (width, height)
+
+
+@dataclass
+class DataReport:
+    """What `inspect_dataset` found, as written to `data_report.json` (lists hold sources, with reasons)."""
+
+    dataset: str
+    format: str
+    caption_source: str
+    images: int
+    usable: int
+    missing_captions: list[str] = field(default_factory=list)
+    bad_images: list[dict] = field(default_factory=list)  # {"source": ..., "reason": ...}
+    too_small: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DataPlan:
+    """The usable samples in order and the report."""
+
+    samples: list[PlannedSample]
+    report: DataReport
+
+
+def _probe(sample: Sample, max_pixels: int) -> tuple[str, tuple[int, int]] | BadImageError:
+    try:
+        data = read_source(sample.read_bytes, sample.source)
+        size = load_image(data, name=sample.source, max_pixels=max_pixels).image.size
+    except BadImageError as error:
+        return error
+    return hashlib.sha256(data).hexdigest()[:32], size
+
+
+def inspect_dataset(data, report_path: Path | None = None) -> DataPlan:
+    """Read and decode every image of `data` (a `DataConfig`) once, before any model is loaded; write the report to
+    `report_path` (also when the run cannot go on), then raise `DatasetError` when nothing is usable or the share of
+    bad images is above `data.max_bad_fraction`."""
+    samples, missing, dataset = _discover(data.path, data.format, data.caption_source)
+    buckets = bucket_list(data.buckets)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes outside the GIL
+        probes = list(pool.map(lambda s: _probe(s, data.max_image_pixels), samples))
+    report = DataReport(str(data.path), dataset.format, dataset.caption_source, len(dataset.items), 0, missing)
+    report.notes = list(dataset.notes)
+    planned = []
+    for sample, probe in zip(samples, probes, strict=True):
+        if isinstance(probe, BadImageError):
+            report.bad_images.append({"source": sample.source, "reason": probe.reason})
+            continue
+        content_hash, (width, height) = probe
+        bucket = choose_bucket(width, height, buckets, data.max_upscale)
         if bucket is None:
-            too_small.append(f"{Path(sample.source.split('::')[0]).name} ({size[0]}x{size[1]})")
-        else:
-            assigned[index] = bucket
-    smallest = min(buckets, key=lambda b: b[0] * b[1])
-    if not assigned:
+            report.too_small.append(f"{sample.source} ({width}x{height})")
+            continue
+        planned.append(PlannedSample(sample, content_hash, bucket))
+    report.usable = len(planned)
+    if report_path is not None:
+        atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    _check_report(report, data, buckets)
+    return DataPlan(planned, report)
+
+
+def _check_report(report: DataReport, data, buckets: list[tuple[int, int]]) -> None:
+    for entry in report.bad_images:
+        logger.warning("Skipping a bad image: %s: %s", entry["source"], entry["reason"])
+    checked = report.images - len(report.missing_captions)
+    bad_share = len(report.bad_images) / max(1, checked)
+    if report.bad_images and bad_share > data.max_bad_fraction:
         raise DatasetError(
-            f"Every image is below the smallest bucket {smallest[0]}x{smallest[1]} even with data.max_upscale="
-            f"{max_upscale} (e.g. {too_small[:3]}): use larger images, a smaller bucket set, or raise max_upscale."
+            f"{len(report.bad_images)} of {checked} captioned images are unreadable ({bad_share:.0%}, above "
+            f"data.max_bad_fraction={data.max_bad_fraction:g}), e.g. "
+            + "; ".join(f"{e['source']}: {e['reason']}" for e in report.bad_images[:3])
+            + ". Fix or remove them (Recaption's report lists them too), or raise data.max_bad_fraction."
         )
-    if too_small:
+    smallest = min(buckets, key=lambda b: b[0] * b[1])
+    if not report.usable:
+        raise DatasetError(
+            f"No usable image in {report.dataset}: {len(report.bad_images)} unreadable, {len(report.too_small)} below "
+            f"the smallest bucket {smallest[0]}x{smallest[1]} even with data.max_upscale={data.max_upscale} "
+            f"(e.g. {report.too_small[:3]}): use larger images, a smaller bucket set, or raise data.max_upscale."
+        )
+    if report.too_small:
         logger.warning(
             "%d images are below the smallest bucket %dx%d and are skipped: %s",
-            len(too_small),
+            len(report.too_small),
             *smallest,
-            too_small[:5],
+            report.too_small[:5],
         )
-    return assigned

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from lens_core.image_io import BadImageError
 from lens_core.latents import encode_images
 from lens_core.prompt import tokenize_prompts
 
 from .config import TrainConfig
-from .data import assign_buckets, bucket_list, discover_samples, fit_to_bucket
+from .data import DataPlan, fit_to_bucket, inspect_dataset
 from .feature_cache import FeatureCache, content_key
 
 logger = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    """The run was asked to stop (SIGTERM / Ctrl-C) before the loop began; what is cached so far stays cached."""
 
 
 @dataclass(frozen=True)
@@ -66,25 +72,40 @@ def _encode_text_cached(
 
 
 @torch.no_grad()
-def prepare_data(pipe, config: TrainConfig, cache: FeatureCache, device: torch.device) -> PreparedData:
-    """Cache every latent and text feature the run needs (skipping what is cached) and return the item lists."""
-    samples = discover_samples(config.data.path)
-    assigned = assign_buckets(samples, bucket_list(config.data.buckets), config.data.max_upscale)
+def prepare_data(
+    pipe,
+    config: TrainConfig,
+    cache: FeatureCache,
+    device: torch.device,
+    plan: DataPlan | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> PreparedData:
+    """Cache every latent and text feature the run needs (skipping what is cached) and return the item lists.
+
+    `plan` is the checked dataset (`inspect_dataset`, done before the model was loaded); `should_stop` is asked
+    before each image so a stop request ends the caching pass at once (`StopRequested`)."""
+    plan = plan if plan is not None else inspect_dataset(config.data)
     identity = _model_identity(pipe)
     items, truncated = [], 0
     pipe.vae.to(device)
     place_text_encoder(pipe, device)
-    for index in sorted(assigned):
-        sample, bucket = samples[index], assigned[index]
-        caption = _caption(config, sample.caption)
-        latent_key = content_key("latent", sample.content_hash, bucket, identity)
+    for planned in plan.samples:
+        if should_stop():
+            raise StopRequested("stopped while caching features")
+        caption = _caption(config, planned.sample.caption)
+        latent_key = content_key("latent", planned.content_hash, planned.bucket, identity)
         if not cache.has("latents", latent_key):
-            pixels = fit_to_bucket(sample.open_image(), bucket)[None].to(device)  # [1, 3, H, W]
+            try:
+                image = planned.sample.load_image(config.data.max_image_pixels)
+            except BadImageError as error:  # changed on disk since it was checked: skip it, say so
+                logger.warning("Skipping %s", error)
+                continue
+            pixels = fit_to_bucket(image, planned.bucket)[None].to(device)  # [1, 3, H, W]
             tokens = encode_images(pipe.vae, pixels)  # [1, L, 128]
             cache.put("latents", latent_key, {"tokens": tokens[0].float()})
         text_key, was_truncated = _encode_text_cached(pipe, cache, caption, config, identity, device)
         truncated += was_truncated
-        items.append(CachedItem(latent_key, text_key, bucket, caption))
+        items.append(CachedItem(latent_key, text_key, planned.bucket, caption))
     if truncated:
         logger.warning(
             "%d of %d captions are longer than the %d-token text window and were truncated (the end of each is lost); "

@@ -3,8 +3,10 @@
     python -m training.train --config run.yaml [--model PATH] [--data FOLDER] [--output-dir DIR]
                              [--max-steps N] [--set key=value ...] [--resume latest|CHECKPOINT]
 
-Without --config the defaults plus the flags are a complete run. Several GPUs: `accelerate launch -m training.train
-...`. SIGTERM / SIGINT stop the run after the current step with a checkpoint, so `--resume latest` continues it.
+Without --config the defaults plus the flags are a complete run. The run folder gets the resolved `config.yaml`, so
+`python -m training.train --config <run>/config.yaml --resume latest` continues a run. Several GPUs:
+`accelerate launch -m training.train ...`. SIGTERM / Ctrl-C stop the run at the next step with a checkpoint (a second
+Ctrl-C stops at once). Exit codes: 0 done, 1 the run failed, 2 bad configuration, 130 stopped.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from .config import build_config, config_help, load_config_file, parse_override
+from .secret_scrubber import install_log_scrubber
 
 logger = logging.getLogger(__name__)
+EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_STOPPED = 1, 2, 130
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", help="data.path: image folder, webdataset .tar or .parquet")
     parser.add_argument("--output-dir", help="output_dir: the run folder")
     parser.add_argument("--max-steps", type=int, help="loop.max_steps")
-    parser.add_argument("--preset", help="card preset: 12gb, 16gb, 24gb or 48gb")
+    parser.add_argument("--preset", help="preset: 12gb, 16gb, 24gb, 48gb (card sizes) or cpu (a CPU demo)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -41,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace):
-    """The run's config from the file, the named flags and the --set overrides (in that order of precedence)."""
-    file_values = load_config_file(args.config) if args.config else {}
+    """The run's config from the file, the named flags and the --set overrides (in that order of precedence).
+    `--resume` with `--output-dir` and no `--config` reads the run's own config.yaml."""
+    config_file = args.config
+    if config_file is None and args.resume and args.output_dir and (Path(args.output_dir) / "config.yaml").is_file():
+        config_file = Path(args.output_dir) / "config.yaml"
+    file_values = load_config_file(config_file) if config_file else {}
     overrides = dict(parse_override(item) for item in args.overrides)
     for flag, key in (
         ("model", "model.path"),
@@ -57,34 +66,53 @@ def resolve(args: argparse.Namespace):
     return build_config(file_values, overrides)
 
 
+def _record_error(output_dir: str, message: str) -> None:
+    """Put the error in the run's progress (what the Train tab shows); an unwritable folder is already in the log."""
+    from .progress import PROGRESS_FILE, ProgressLog
+
+    try:
+        with ProgressLog(Path(output_dir) / PROGRESS_FILE) as log:
+            log.write("error", message=message)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_scrubber()
     if args.help_config:
         sys.stdout.write(config_help() + "\n")
         return 0
-    from .progress import ProgressLog
-    from .trainer import LensTrainer
-
     try:
         config = resolve(args)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
+        return EXIT_BAD_CONFIG
+    from .trainer import LensTrainer
+
     trainer = LensTrainer(config)
 
     def request_stop(signum, _frame):
-        logger.warning("Signal %d: stopping after the current step (a checkpoint will be written).", signum)
-        trainer.stop_requested = True
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        logger.warning("Signal %d: stopping at the next step (a checkpoint is written).", signum)
+        trainer.request_stop()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
         outputs = trainer.run(resume=args.resume)
+    except KeyboardInterrupt:
+        logger.warning("Interrupted: stopped without a checkpoint; --resume latest continues from the last one.")
+        _record_error(config.output_dir, "interrupted")
+        return EXIT_STOPPED
     except (ValueError, OSError, FloatingPointError) as error:
         logger.error("%s", error)
-        ProgressLog(config.output_dir, config.loop.max_steps, tensorboard=False).event("error", message=str(error))
-        return 1
+        _record_error(config.output_dir, str(error))
+        return EXIT_FAILED
+    if trainer.stopped:
+        return EXIT_STOPPED
     for kind, path in outputs.items():
         logger.info("%s: %s", kind, path)
     return 0

@@ -1,9 +1,13 @@
 """The Lens training loop: LoRA / LoKr / full fine-tuning of the denoiser with rectified flow.
 
-Order of a run: load the base, cache features (then free the text encoder), freeze the base in its precision, add
-the adapter, build optimizer and schedule, restore a checkpoint if resuming, then loop: step, log, validate, sample,
-checkpoint. Everything random comes from seeded generators whose states are checkpointed, so a resumed run repeats
-the uninterrupted one step for step.
+Order of a run: check everything that can be checked without a model (`training.preflight`: output folder, resume
+target, machine, dataset), load the base, cache features (then free the text encoder), freeze the base in its
+precision, add the adapter, build optimizer and schedule, restore a checkpoint if resuming, then loop: step, log,
+validate, sample, checkpoint. Everything random comes from seeded generators whose states are checkpointed, so a
+resumed run repeats the uninterrupted one step for step.
+
+A stop request (`request_stop`, from SIGTERM or Ctrl-C) takes effect at the next step: between two training steps (a
+checkpoint is written), at the next denoising step of a sample, at the next image while caching features.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +24,19 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lens_core.atomic_io import atomic_build
+from lens_core.atomic_io import atomic_build, atomic_write_text
 from lens_core.lora import lora_from_peft_state_dict, save_lora
 from lens_core.presets import PIXELS_PER_TOKEN, compute_mu
 
 from .base_precision import freeze_base
-from .checkpoint import load_checkpoint, resolve_resume, restore_rng, rng_state, save_checkpoint
+from .checkpoint import checkpoint_step, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .config import TrainConfig
+from .data import DataPlan
 from .feature_cache import FeatureCache
 from .memory_estimate import check_fits_device
-from .prepare import CachedItem, PreparedData, free_text_encoder, prepare_data
-from .progress import ProgressLog
+from .preflight import run_preflight
+from .prepare import CachedItem, PreparedData, StopRequested, free_text_encoder, prepare_data
+from .run_log import RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +101,14 @@ class LensTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.stop_requested = False
+        self.stopped = False  # True when the run ended on a stop request (the command line exits 130)
+
+    def request_stop(self) -> None:
+        """Stop at the next step (a checkpoint is written when the loop has begun). Safe from a signal handler."""
+        self.stop_requested = True
+        pipe = getattr(self, "pipe", None)
+        if pipe is not None:
+            pipe._interrupt = True  # a sample being drawn ends at its next denoising step
 
     # -------------------------------------------------------------------------------------------------------------
     # Setup
@@ -114,8 +129,9 @@ class LensTrainer:
             mixed_precision=mixed, gradient_accumulation_steps=loop.gradient_accumulation_steps, **kwargs
         )
 
-    def load(self) -> None:
-        """Load the pipeline, cache the data, free the encoder, freeze the base and add the adapter."""
+    def load(self, plan: DataPlan | None = None) -> None:
+        """Load the pipeline, cache the data (`plan`: the dataset checked by the preflight), free the encoder, freeze
+        the base and add the adapter."""
         from lens_core import LensPipeline
 
         self.accelerator = self._accelerator()
@@ -133,7 +149,9 @@ class LensTrainer:
         check_fits_device(self.config, sum(p.numel() for p in self.pipe.transformer.parameters()), self.device)
         cache_dir = self.config.data.cache_dir or self.output_dir / "cache"
         self.cache = FeatureCache(cache_dir)
-        self.data: PreparedData = prepare_data(self.pipe, self.config, self.cache, self.device)
+        self.data: PreparedData = prepare_data(
+            self.pipe, self.config, self.cache, self.device, plan, should_stop=lambda: self.stop_requested
+        )
         free_text_encoder(self.pipe)
         self.transformer = self._build_model(self.pipe.transformer)
         self.pipe.vae.to(self.device)
@@ -145,7 +163,10 @@ class LensTrainer:
         else:
             freeze_base(transformer, config.model.base_precision, self.device)
             torch.manual_seed(config.loop.seed)  # adapter init
-            transformer.add_adapter(self._adapter_config(transformer), adapter_name="default")
+            with warnings.catch_warnings():
+                # PEFT warns that LoRA layers over torchao (fp8) weights cannot be merged; nothing here merges.
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+                transformer.add_adapter(self._adapter_config(transformer), adapter_name="default")
             for parameter in transformer.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()  # fp32 adapter weights over a low-precision base
@@ -180,11 +201,7 @@ class LensTrainer:
     def _optimizer(self, parameters):
         opt = self.config.optimizer
         if opt.name == "adamw8bit":
-            if self.device.type != "cuda":
-                raise ValueError(
-                    "optimizer.name 'adamw8bit' needs a CUDA GPU (bitsandbytes); use adamw or adafactor here."
-                )
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # checked by the preflight
 
             return bnb.optim.AdamW8bit(parameters, lr=opt.learning_rate, weight_decay=opt.weight_decay)
         if opt.name == "adafactor":
@@ -295,6 +312,8 @@ class LensTrainer:
         self.model.eval()
         losses = []
         for index, item in enumerate(self.data.validation):
+            if self.stop_requested:
+                break
             latents, embeds, mask, grid = self._collate([item])
             generator = torch.Generator().manual_seed(10_000 + index)
             for sigma in VALIDATION_SIGMAS:
@@ -302,7 +321,7 @@ class LensTrainer:
                 with self.accelerator.autocast():
                     losses.append(self.flow_loss(latents, embeds, mask, grid, torch.tensor([sigma]), noise).item())
         self.model.train()
-        return float(np.mean(losses))
+        return float(np.mean(losses)) if losses else None
 
     # -------------------------------------------------------------------------------------------------------------
     # Samples, export, checkpoints
@@ -320,6 +339,8 @@ class LensTrainer:
         for p_index, key in enumerate(self.data.sample_text_keys):
             layers = [layer[None].to(self.device) for layer in self.cache.get_text(key)]  # 4 x [1, S, hidden]
             for seed in monitor.sample_seeds:
+                if self.stop_requested:
+                    break
                 image = self.pipe(
                     prompt_embeds=layers,
                     prompt_mask=torch.ones(layers[0].shape[:2], dtype=torch.bool, device=self.device),
@@ -328,12 +349,20 @@ class LensTrainer:
                     num_inference_steps=monitor.sample_steps,
                     guidance_scale=monitor.sample_guidance,
                     generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=self._interrupt_on_stop,
                 ).images[0]
+                if self.stop_requested:  # interrupted half-way: not a sample of this step
+                    break
                 path = folder / f"step-{self.step:06d}-prompt{p_index}-seed{seed}.png"
                 atomic_build(path, lambda temporary, image=image: image.save(temporary, format="PNG"))
                 paths.append(str(path))
         self.model.train()
         return paths
+
+    def _interrupt_on_stop(self, pipe, step, timestep, tensors) -> dict:
+        if self.stop_requested:
+            pipe._interrupt = True
+        return {}
 
     def _peft_state(self, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Parameter names carry the adapter name (`...lora_A.default.weight`); PEFT files do not.
@@ -437,21 +466,48 @@ class LensTrainer:
     def _monitor(self, final: bool = False) -> None:
         monitor = self.config.monitor
         if self.data.validation and (self.step % monitor.validate_every == 0 or final):
-            self.progress.event("validation", step=self.step, val_loss=self.validation_loss())
+            loss = self.validation_loss()
+            if loss is not None:
+                self.progress.event("validation", step=self.step, val_loss=loss)
         if self.step == 0 or final or (monitor.sample_every and self.step % monitor.sample_every == 0):
-            self.progress.event("samples", step=self.step, paths=self.write_samples())
+            paths = self.write_samples()
+            if paths:
+                self.progress.event("samples", step=self.step, paths=paths)
 
     def run(self, resume: str | None = None) -> dict[str, str]:
-        """Train to `loop.max_steps` (continuing from a checkpoint when `resume` is 'latest' or a path)."""
-        checkpoint = resolve_resume(self.output_dir, resume)
-        self.load()
+        """Train to `loop.max_steps` (continuing from a checkpoint when `resume` is 'latest' or a path); returns the
+        exported files, or {} when the run was stopped (then `self.stopped` is True)."""
+        checks = run_preflight(self.config, resume)  # seconds, before any model is loaded
+        resume_step = checkpoint_step(checks.checkpoint) if checks.checkpoint is not None else None
+        self.progress = RunLog(
+            self.output_dir, self.config.loop.max_steps, self.config.monitor.tensorboard, resume_step=resume_step
+        )
+        try:
+            report = checks.plan.report
+            self.progress.event(
+                "starting",
+                step=resume_step or 0,
+                max_steps=self.config.loop.max_steps,
+                usable_images=report.usable,
+                bad_images=len(report.bad_images),
+                missing_captions=len(report.missing_captions),
+                too_small=len(report.too_small),
+            )
+            return self._prepare_and_loop(checks.checkpoint, checks.plan)
+        except StopRequested:
+            return self._stop(resume_step or 0, checkpoint=False)
+        finally:
+            self.progress.close()
+
+    def _prepare_and_loop(self, checkpoint: Path | None, plan: DataPlan) -> dict[str, str]:
+        if self.stop_requested:
+            raise StopRequested("stopped before loading")
+        self.load(plan)
         self.setup_training()
-        self.progress = ProgressLog(self.output_dir, self.config.loop.max_steps, self.config.monitor.tensorboard)
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        atomic_write_text(self.output_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         if checkpoint is not None:
             self.restore(checkpoint)
-            self.progress.truncate_after(self.step)
-            self.progress.event("resumed", step=self.step, path=str(checkpoint))
+            self.progress.event("resumed", step=self.step, path=str(checkpoint), max_steps=self.config.loop.max_steps)
         else:
             self.progress.event(
                 "started",
@@ -462,27 +518,33 @@ class LensTrainer:
                 truncated_captions=self.data.truncated_captions,
             )
             self._monitor()
-        try:
-            return self._loop()
-        finally:
-            self.progress.close()
+        return self._loop()
+
+    def _stop(self, step: int, checkpoint: bool) -> dict[str, str]:
+        if checkpoint:
+            self.save_checkpoint()
+        self.stopped = True
+        self.progress.event("stopped", step=step, checkpoint=checkpoint)
+        logger.warning("Stopped at step %d%s.", step, "; resume with --resume latest" if checkpoint else "")
+        return {}
 
     def _loop(self) -> dict[str, str]:
         started = time.monotonic()
         while self.step < self.config.loop.max_steps:
+            if self.stop_requested:  # e.g. during the step-0 samples, or right after a restore
+                return self._stop(self.step, checkpoint=self.step > 0)
             loss = self.train_step(self._next_batches())
             self.step += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(f"The loss became {loss} at step {self.step}; lower optimizer.learning_rate.")
             self.progress.step(self.step, loss, self.scheduler.get_last_lr()[0])
             done = self.step == self.config.loop.max_steps
+            if self.stop_requested and not done:
+                return self._stop(self.step, checkpoint=True)
             if not done:
                 self._monitor()
-            if self.step % self.config.monitor.checkpoint_every == 0 or done or self.stop_requested:
+            if self.step % self.config.monitor.checkpoint_every == 0 or done:
                 self.save_checkpoint()
-            if self.stop_requested and not done:
-                self.progress.event("stopped", step=self.step)
-                return {}
         self._monitor(final=True)
         outputs = self.export()
         self.progress.event("done", step=self.step, outputs=outputs, seconds=round(time.monotonic() - started, 1))

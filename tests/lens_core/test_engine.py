@@ -198,7 +198,13 @@ def test_a_lora_changes_the_image_and_removing_it_restores_the_base(engine):
     # The Train tab hands over a path; it is accepted when it is one of the offered files.
     engine.set_loras([(str(engine.config.output_dir / "loras" / "ink.safetensors"), 0.5)])
     assert engine.loras == [("loras/ink.safetensors", 0.5)]
-    again = engine.generate(GenerationRequest(**request))  # no LoRAs in the request: the base model again
+    # A request that names no LoRAs keeps the active set (it stays until the user changes it)...
+    kept = engine.generate(GenerationRequest(**request))
+    assert kept.settings[0].loras == [{"name": "loras/ink.safetensors", "weight": 0.5}]
+    assert np.abs(np.asarray(Image.open(kept.paths[0]), dtype=int) - base).max() > 1
+    # ...and an empty list removes them all: the base model again.
+    again = engine.generate(GenerationRequest(**request, loras=[]))
+    assert engine.loras == [] and again.settings[0].loras == []
     assert np.abs(np.asarray(Image.open(again.paths[0]), dtype=int) - base).max() <= 1
 
 

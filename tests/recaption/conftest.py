@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
+from .fake_server import FakeOpenAIServer, FakeServerSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_KEY = "sk-test-DO-NOT-LEAK-4f9c2b"
@@ -104,6 +104,6 @@ def run_cli(args: list[str], *, env_key: str | None = TEST_KEY, timeout: float =
 
 
 def progress_items(output_dir: Path) -> list[dict]:
-    """Every 'item' event of ``progress.jsonl``."""
-    lines = (output_dir / "progress.jsonl").read_text().splitlines()
+    """Every 'item' event of ``_lens/progress.jsonl``."""
+    lines = (output_dir / "_lens" / "progress.jsonl").read_text().splitlines()
     return [event for event in map(json.loads, lines) if event["event"] == "item"]

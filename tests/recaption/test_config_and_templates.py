@@ -14,14 +14,18 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"backend": "azure"}, "backend='azure' is not allowed; choose one of openai, local"),
-        ({"formats": ["csv"]}, "formats='csv' is not allowed"),
-        ({"concurrency": 0}, "concurrency=0 must be >= 1"),
+        ({"backend": "azure"}, "backend must be one of openai, local; got 'azure'"),
+        ({"formats": ["csv"]}, "formats must be one of sidecar, jsonl, webdataset, parquet; got 'csv'"),
+        ({"concurrency": 0}, "concurrency must be >= 1, got 0"),
+        ({"concurrency": "four"}, "Config key 'concurrency' must be an integer, got 'four' (str)"),
+        ({"concurrency": 2.5}, "Config key 'concurrency' must be an integer, got 2.5"),
+        ({"overwrite": "maybe"}, "Config key 'overwrite' must be true or false, got 'maybe'"),
         ({"shard": "4/4"}, "shard='4/4' must be 'auto' or i/n with 0 <= i < n"),
-        ({"precision": "int3"}, "precision='int3' is not allowed"),
-        ({"template": "poem"}, "template='poem' is not allowed; choose one of dense, short, tags"),
+        ({"precision": "int3"}, "precision must be one of auto"),
+        ({"template": "poem"}, "template must be one of dense, short, tags; got 'poem'"),
         ({"base_url": "localhost:8000"}, "must start with http:// or https://"),
         ({"inputs": []}, "inputs is empty"),
+        ({"caption_source": "captions/"}, "caption_source='captions/' must be auto"),
     ],
 )
 def test_validation_names_bad_value_and_allowed(changes, message):
@@ -31,8 +35,20 @@ def test_validation_names_bad_value_and_allowed(changes, message):
 
 
 def test_unknown_config_key_is_an_error():
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['concurency'\]"):
+    with pytest.raises(ValueError, match=r"Unknown config key 'concurency'. Did you mean 'concurrency'\?"):
         RecaptionConfig.from_dict({"inputs": ["x"], "concurency": 8})
+
+
+def test_values_are_converted_by_one_clear_rule():
+    # The same mechanism as TrainConfig: unambiguous text becomes the field's type, anything else is refused.
+    config = RecaptionConfig.from_dict({"inputs": ["x"], "concurrency": "4", "overwrite": "no", "temperature": "0"})
+    assert (config.concurrency, config.overwrite, config.temperature) == (4, False, 0.0)
+    assert RecaptionConfig.from_dict({"inputs": ["x"], "overwrite": "YES"}).overwrite is True
+    assert RecaptionConfig(inputs=["x"], concurrency="8").validate().concurrency == 8  # keyword arguments too
+    config, _ = resolve_config(["data", "--concurrency", "3", "--target-words", "40", "--no-overwrite"])
+    assert (config.concurrency, config.target_words, config.overwrite) == (3, 40, False)
+    with pytest.raises(ValueError, match="'max_retries' must be an integer, got 'lots'"):
+        resolve_config(["data", "--max-retries", "lots"])
 
 
 def test_shard_auto_reads_accelerate_environment(monkeypatch):

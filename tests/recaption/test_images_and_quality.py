@@ -1,10 +1,10 @@
-"""Image decoding of bad and awkward files, and caption quality flags."""
+"""The recaption test images through the shared reader (lens_core.image_io), and caption quality flags."""
 
 from __future__ import annotations
 
 import pytest
 
-from training.recaption.images import BadImageError, decode_image
+from lens_core.image_io import BadImageError, load_image
 from training.recaption.quality import TokenCounter, assess, is_repetitive
 
 from .conftest import write_awkward_images, write_bad_images
@@ -16,18 +16,19 @@ def test_bad_images_raise_with_reason(tmp_path):
     expected = write_bad_images(tmp_path)
     for key, words in expected.items():
         path = next(tmp_path.glob(f"{key}.*"))
-        with pytest.raises(BadImageError, match=words):
-            decode_image(path.read_bytes(), max_pixels=50_000_000)
+        with pytest.raises(BadImageError, match=words) as raised:
+            load_image(path, max_pixels=50_000_000)
+        assert raised.value.path == str(path)
 
 
 def test_awkward_images_become_rgb(tmp_path):
     for key in write_awkward_images(tmp_path):
         path = next(tmp_path.glob(f"{key}.*"))
-        decoded = decode_image(path.read_bytes(), max_pixels=50_000_000, max_side=16)
+        decoded = load_image(path, max_pixels=50_000_000, max_side=16)
         assert decoded.image.mode == "RGB" and max(decoded.image.size) <= 16
-    animated = decode_image((tmp_path / "animated.gif").read_bytes(), max_pixels=10**8)
+    animated = load_image(tmp_path / "animated.gif")
     assert animated.notes == ["animated: first of 3 frames used"]
-    sixteen = decode_image((tmp_path / "sixteen.png").read_bytes(), max_pixels=10**8)
+    sixteen = load_image(tmp_path / "sixteen.png")
     assert any("scaled to 8-bit" in note for note in sixteen.notes)
 
 

@@ -45,7 +45,7 @@ def test_cli_local_backend_batches_and_skips_bad_images(tmp_path, tiny_model):
         caption = (data / f"{key}.txt").read_text().strip()
         assert caption and caption == items[key]["caption"] and items[key]["words"] == len(caption.split())
     assert len((data / "metadata.jsonl").read_text().splitlines()) == len(captioned)
-    report = json.loads((data / "recaption_report.json").read_text())
+    report = json.loads((data / "_lens" / "recaption_report.json").read_text())
     assert report["captioned"] == len(captioned) and report["words"]["max"] <= 12
 
 

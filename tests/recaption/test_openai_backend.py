@@ -11,7 +11,8 @@ from PIL import Image
 
 from training.recaption.backends.base import BackendUnavailableError, CaptionJob
 from training.recaption.backends.openai_backend import OpenAIBackend, RetryableError, answer_text, parse_retry_after
-from training.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
+
+from .fake_server import FakeOpenAIServer, FakeServerSettings
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from training.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
-
 from .conftest import REPO_ROOT, progress_items, run_cli, write_bad_images, write_images
+from .fake_server import FakeOpenAIServer, FakeServerSettings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,7 +59,7 @@ def test_sigkill_midway_then_resume(tmp_path):
     assert {key for key, item in latest.items() if item["status"] == "ok"} == valid
     assert {key for key, item in latest.items() if item["status"] == "failed"} == bad
     assert not [path for path in data.rglob(".*.tmp")], "a finished run leaves no temp files"
-    report = json.loads((data / "recaption_report.json").read_text())
+    report = json.loads((data / "_lens" / "recaption_report.json").read_text())
     assert (report["captioned"], report["failed"], report["pending"]) == (len(valid), len(bad), 0)
 
 
@@ -86,5 +85,5 @@ def test_sigterm_records_stopped_and_exit_130(tmp_path):
             time.sleep(0.05)
         process.terminate()
         assert process.wait(timeout=10) == 130
-    events = [json.loads(line) for line in (tmp_path / "data" / "progress.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "data" / "_lens" / "progress.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stopped" and 2 <= events[-1]["done"] < 20

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from training.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
-
 try:  # tests/ is on sys.path when it is not a package (pytest's rootdir insertion)
     from browser_support import chromium_page, find_chromium
 except ImportError:  # tests/ became a package
     from tests.browser_support import chromium_page, find_chromium
 from .conftest import REPO_ROOT, write_images
+from .fake_server import FakeOpenAIServer, FakeServerSettings
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 SERVE_SCRIPT = Path(__file__).with_name("serve_recaption_tab.py")

@@ -22,9 +22,9 @@ from app.recaption_tab import (
     stop_job,
     use_demo_model,
 )
-from training.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
 
 from .conftest import write_images
+from .fake_server import FakeOpenAIServer, FakeServerSettings
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,7 +55,7 @@ def test_user_mistakes_are_gr_errors(tmp_path):
         build_config(_values(""))
     with pytest.raises(gr.Error, match="does not exist"):
         build_config(_values(tmp_path / "nope"))
-    with pytest.raises(gr.Error, match="concurrency=0 must be >= 1"):
+    with pytest.raises(gr.Error, match="concurrency must be >= 1, got 0"):
         build_config(_values(tmp_path, concurrency=0))
     with pytest.raises(gr.Error, match=r"unknown variable\(s\) \['nme'\]"):
         build_config(_values(tmp_path, prompt="Describe {nme}")).validate()
@@ -127,7 +127,7 @@ def test_start_stop_resume_review_and_edit(tmp_path):
     assert message == "Accepted 11 unflagged captions." and all(row[4] for row in rows)
     _, flagged_rows, *_ = load_review(session, "", True)
     assert [row[0] for row in flagged_rows] == ["img005"]
-    last = json.loads((data / "progress.jsonl").read_text().splitlines()[-1])
+    last = json.loads((data / "_lens" / "progress.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "item" and last["accepted"] is True
 
 

@@ -100,8 +100,8 @@ def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
     stopped_step = int(stopped[0].split("step ")[1].split(" /")[0])
     assert 0 < stopped_step < 2000
 
-    (root / "tab-run" / "run.yaml").write_text(
-        (root / "tab-run" / "run.yaml").read_text().replace("max_steps: 2000", f"max_steps: {stopped_step + 5}")
+    (root / "tab-run" / "config.yaml").write_text(
+        (root / "tab-run" / "config.yaml").read_text().replace("max_steps: 2000", f"max_steps: {stopped_step + 5}")
     )
     api.predict("tab-run", api_name="/train_resume")
     done = _wait_for(api, lambda s: ": done" in s[0])
@@ -109,3 +109,52 @@ def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
     assert done[2], "the samples gallery is empty"
     message = api.predict(done[3], api_name="/train_load_lora")
     assert done[3] in message and "no generation engine" in message
+
+
+def test_the_loss_plot_draws_numbers_from_its_first_frame():
+    import gradio as gr
+
+    from app.train_tab import _curve, default_preset
+    from training.jobs import TrainingStatus
+
+    plot = gr.LinePlot(x="step", y="loss", color="series")
+    assert _curve(TrainingStatus("not started")) is None  # an empty frame would fix the plot's types for good
+    status = TrainingStatus("running", validation=[(0, 0.31)])
+    first = plot.postprocess(_curve(status)).model_dump()
+    status = TrainingStatus("running", losses=[(1, 0.5), (2, 0.25)], validation=[(0, 0.31), (2, 0.3)])
+    full = plot.postprocess(_curve(status)).model_dump()
+    for frame in (first, full):  # numbers, not categories: a line ordered by step and loss
+        assert frame["datatypes"] == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
+    assert full["data"] == [[1, 0.5, "loss"], [2, 0.25, "loss"], [0, 0.31, "validation"], [2, 0.3, "validation"]]
+    if not __import__("torch").cuda.is_available():
+        assert default_preset() == "cpu"
+
+
+@pytest.mark.browser
+def test_the_loss_plot_draws_loss_and_validation_lines_in_a_browser(client, tiny_checkpoint, tmp_path):
+    from browser_support import chromium_page
+
+    api, _root = client
+    dataset = make_toy_dataset(tmp_path / "data", copies=2)
+    settings = _start_args(dataset, tiny_checkpoint, "plot", 12, "data.validation_count=1\nmonitor.validate_every=4")[
+        -1
+    ]
+    with chromium_page((1400, 1200)) as page:
+        page.goto(api.src)
+        page.get_by_label("Dataset folder").fill(str(dataset))
+        page.get_by_label("Base model").fill(str(tiny_checkpoint))
+        page.get_by_label("Run name").fill("plot")
+        page.get_by_label("Steps").fill("12")
+        page.get_by_label("More settings (key=value per line)").fill(settings)
+        page.get_by_label("More settings (key=value per line)").press("Tab")  # Gradio syncs a textbox on blur
+        page.get_by_role("button", name="Start").click()
+        page.get_by_text("plot: done").first.wait_for(timeout=300_000)
+        # Two line marks (loss, validation), each through several points: the plot kept numeric axes and both
+        # colours although it was empty when the page opened.
+        page.wait_for_function(
+            """() => {
+                const lines = [...document.querySelectorAll('g.mark-line path')].map(p => p.getAttribute('d') || '');
+                return lines.length >= 2 && lines.every(d => (d.match(/L/g) || []).length >= 2);
+            }""",
+            timeout=30_000,
+        )

@@ -17,22 +17,16 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .config import RecaptionConfig, field_default
+from ..secret_scrubber import install_log_scrubber
+from ..typed_config import field_default
+from .config import RecaptionConfig
 
 logger = logging.getLogger("training.recaption")
 
 
-def _option_type(annotation: str):
-    if annotation.startswith("list"):
-        return str, "+"
-    for name, kind in (("int", int), ("float", float)):
-        if annotation.startswith(name):
-            return kind, None
-    return str, None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """One option per config field, named like the field (``max_retries`` -> ``--max-retries``)."""
+    """One option per config field, named like the field (``max_retries`` -> ``--max-retries``). Values stay text here:
+    the config mechanism converts and checks them, so the command line, JSON files and the UI share one set of rules."""
     # allow_abbrev=False: otherwise '--api-key sk-...' would silently be taken as '--api-key-env sk-...'.
     parser = argparse.ArgumentParser(
         prog="python -m training.recaption",
@@ -57,10 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{help_text} (default: {default})",
             )
             continue
-        kind, nargs = _option_type(str(item.type))
-        parser.add_argument(
-            flag, type=kind, nargs=nargs, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})"
-        )
+        nargs = "+" if isinstance(default, list) else None
+        parser.add_argument(flag, nargs=nargs, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
     return parser
 
 
@@ -90,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    install_log_scrubber()  # the API key, once read, never reaches the log, whatever a server echoes
     try:
         config, verbose = resolve_config(argv)
     except ValueError as error:

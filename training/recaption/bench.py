@@ -1,8 +1,9 @@
 """Throughput benchmark of the API backend: sequential vs ``--concurrency 8`` against a fixed-latency local server.
 
-``python -m training.recaption.bench [--images 48] [--latency 0.2] [--concurrency 8]`` starts the fake OpenAI server
-on 127.0.0.1 with a fixed per-request latency, runs the full recaption pipeline (decode, encode, HTTP, quality,
-atomic sidecar) over the same small images twice, and prints images per second for both and the speed-up.
+``python -m training.recaption.bench [--images 48] [--latency 0.2] [--concurrency 8]`` (from the repository root)
+starts the test suite's fake OpenAI server (``tests/recaption/fake_server.py``) on 127.0.0.1 with a fixed per-request
+latency, runs the full recaption pipeline (decode, encode, HTTP, quality, atomic sidecar) over the same small images
+twice, and prints images per second for both and the speed-up. The figures go to BENCHMARKS.md with the machine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 from PIL import Image
 
 from .config import RecaptionConfig
-from .fake_server import FakeOpenAIServer, FakeServerSettings
 from .runner import run
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ def measure(base_url: str, images: int, concurrency: int, root: Path) -> float:
 
 def benchmark(images: int = 48, latency: float = 0.2, concurrency: int = 8) -> dict[str, float]:
     """Run both measurements and return the figures."""
+    # The fake server is test code; the benchmark borrows it (run from the repository root, where `tests` is found).
+    from tests.recaption.fake_server import FakeOpenAIServer, FakeServerSettings
+
     with (
         tempfile.TemporaryDirectory(prefix="recaption-bench-") as root,
         FakeOpenAIServer(FakeServerSettings(latency=latency)) as server,

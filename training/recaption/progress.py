@@ -1,49 +1,44 @@
-"""Progress as JSON lines: the record the UI tails and the journal a resumed run reads back.
+"""Where a recaption run keeps its journal, and reading it back (the format and reader are `training.progress`).
 
-Each line is one JSON object with at least ``event`` ('start', 'item', 'stopped', 'end'), ``done`` and ``total``;
-'item' lines also carry the per-image result. A single process writes ``progress.jsonl``; shard i of n writes
-``progress-shard<i>of<n>.jsonl`` so processes never interleave lines. A line cut short by a kill is ignored on read.
+Each event has ``event`` ('start', 'item', 'stopped', 'end'), ``done`` and ``total``; 'item' events carry the
+per-image result. The files live in the output folder's ``_lens/`` subfolder, which dataset readers skip. A single
+process writes ``_lens/progress.jsonl``; shard i of n writes ``_lens/progress-shard<i>of<n>.jsonl`` so processes never
+interleave lines. The latest 'item' record of an image is its state: a resumed run skips the ``ok`` ones.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from lens_core.atomic_io import atomic_write_text
+
+from ..dataset import lens_folder
+from ..progress import read_events
+
+
+def shard_suffix(index: int, count: int) -> str:
+    """'' for a single process, '-shard<i>of<n>' for shard i of n."""
+    return "" if count == 1 else f"-shard{index}of{count}"
 
 
 def progress_path(output_dir: Path, shard_index: int, shard_count: int) -> Path:
     """The progress file of one shard."""
-    if shard_count == 1:
-        return output_dir / "progress.jsonl"
-    return output_dir / f"progress-shard{shard_index}of{shard_count}.jsonl"
+    return lens_folder(output_dir) / f"progress{shard_suffix(shard_index, shard_count)}.jsonl"
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """All complete JSON lines of one progress file (a torn last line from a killed run is skipped)."""
-    events = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return events
-    for line in text.splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
+def report_path(output_dir: Path, shard_index: int = 0, shard_count: int = 1) -> Path:
+    """The JSON report of one shard (its histogram is beside it, named in the report)."""
+    return lens_folder(output_dir) / f"recaption_report{shard_suffix(shard_index, shard_count)}.json"
 
 
 def latest_items(output_dir: Path) -> dict[str, dict[str, Any]]:
-    """key -> the latest 'item' record over every progress file in ``output_dir`` (all shards, all runs)."""
+    """key -> the latest 'item' record over every progress file of ``output_dir`` (all shards, all runs)."""
     latest: dict[str, dict[str, Any]] = {}
-    paths = sorted(output_dir.glob("progress*.jsonl"), key=lambda path: path.stat().st_mtime)
+    # Journals of earlier versions sit next to the images (before _lens/ existed): read them too, oldest first.
+    found = [*Path(output_dir).glob("progress*.jsonl"), *lens_folder(output_dir).glob("progress*.jsonl")]
+    paths = sorted(found, key=lambda path: path.stat().st_mtime)
     for path in paths:
         for event in read_events(path):
             if event.get("event") == "item" and isinstance(event.get("key"), str):
@@ -51,19 +46,18 @@ def latest_items(output_dir: Path) -> dict[str, dict[str, Any]]:
     return latest
 
 
-class ProgressLog:
-    """Appends events to this shard's progress file, one flushed line each (the OS keeps it if we are killed)."""
+def original_captions(output_dir: Path) -> dict[str, str]:
+    """key -> the caption an image had before its first recaption (every shard's snapshot)."""
+    found: dict[str, str] = {}
+    for path in sorted(lens_folder(output_dir).glob("original_captions*.json")):
+        try:
+            found.update(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            continue
+    return found
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._stream = path.open("a", encoding="utf-8")
 
-    def write(self, event: str, **values: Any) -> dict[str, Any]:
-        record = {"event": event, "time": round(time.time(), 3), **values}
-        self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._stream.flush()
-        return record
-
-    def close(self) -> None:
-        self._stream.close()
+def save_original_captions(output_dir: Path, shard_index: int, shard_count: int, captions: dict[str, str]) -> None:
+    """Write this shard's snapshot of the original captions atomically (before any of them can be overwritten)."""
+    name = f"original_captions{shard_suffix(shard_index, shard_count)}.json"
+    atomic_write_text(lens_folder(output_dir) / name, json.dumps(captions, ensure_ascii=False, indent=0) + "\n")

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lens_core.atomic_io import atomic_write_bytes, atomic_write_text
 
+from ..secret_scrubber import scrub
+
 
 def _spread(values: list[int]) -> dict[str, float]:
     if not values:
@@ -96,11 +98,12 @@ def draw_histogram(
 
 
 def write_report(report: dict[str, Any], words: list[int], json_path: Path, png_path: Path) -> None:
-    """Write the report JSON and its histogram atomically."""
+    """Write the report JSON (through the secret scrubber: failure reasons quote server answers) and its histogram,
+    atomically."""
     import io
 
     buffer = io.BytesIO()
     draw_histogram(words, target_words=report["target_words"]).save(buffer, format="PNG")
     atomic_write_bytes(png_path, buffer.getvalue())
     report = {**report, "histogram": png_path.name}
-    atomic_write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(json_path, scrub(json.dumps(report, indent=2, ensure_ascii=False)))

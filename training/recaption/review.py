@@ -1,8 +1,9 @@
 """Review: list the captions of a run, and save a person's edit or acceptance atomically.
 
-An edit is recorded as a new 'item' line in ``progress.jsonl`` (marked ``edited`` / ``accepted``), so the journal
-stays the single source of truth: a later resume keeps the edit and rebuilds metadata.jsonl / webdataset / Parquet
-outputs from it, and the sidecar is rewritten at once when the run writes sidecars.
+An edit is recorded as a new 'item' line in ``_lens/progress.jsonl`` (marked ``edited`` / ``accepted``), so the
+journal stays the single source of truth: a later resume keeps the edit and rebuilds metadata.jsonl / webdataset /
+Parquet outputs from it. The sidecar is rewritten first (atomically) when the run writes sidecars, then the record,
+as the runner does: a record never claims a caption that is not on disk.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 from lens_core.atomic_io import atomic_write_text
 
+from ..progress import ProgressLog
 from .config import LENS_TEXT_TOKEN_LIMIT
-from .progress import ProgressLog, latest_items, progress_path
+from .progress import latest_items, progress_path
 from .quality import TokenCounter, assess
 from .writers import sidecar_path
 
@@ -62,11 +64,8 @@ def save_caption(
     )
     record.pop("event", None)
     record.pop("time", None)
-    log = ProgressLog(progress_path(output_dir, 0, 1))
-    try:
-        log.write("item", **record)
-    finally:
-        log.close()
     if write_sidecar:
         atomic_write_text(sidecar_path(output_dir, key, sidecar_extension), caption + "\n")
+    with ProgressLog(progress_path(output_dir, 0, 1)) as log:
+        log.write("item", **record)
     return record

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..images import BadImageError
+from lens_core.image_io import BadImageError
+
 from .base import CaptionJob, CaptionOutcome
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class LocalBackend:
                 images.append(job.load_image())
                 ready.append(job)
             except BadImageError as error:
-                yield CaptionOutcome(job, error=str(error), attempts=0)
+                yield CaptionOutcome(job, error=error.reason, attempts=0)
         if not ready:
             return
         try:

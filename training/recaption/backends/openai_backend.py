@@ -2,7 +2,8 @@
 
 Images travel as base64 JPEG ``image_url`` data URLs. Each request retries with exponential backoff on 429, 5xx,
 timeouts, dropped connections, malformed JSON and empty answers, honouring ``Retry-After``. The API key is read from
-the environment variable named by ``api_key_env``; it is never logged, and every error text is scrubbed of it.
+the environment variable named by ``api_key_env`` and registered with the secret scrubber (``training.secret_scrubber``),
+so it never reaches a log, a progress record or the report, even when a server echoes it into an answer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from ..images import BadImageError
+from lens_core.image_io import BadImageError
+
+from ...secret_scrubber import register_secret, scrub
 from .base import BackendUnavailableError, CaptionJob, CaptionOutcome
 
 if TYPE_CHECKING:
@@ -79,7 +82,9 @@ def answer_text(body: bytes) -> str:
         message = json.loads(body)["choices"][0]["message"]
         content = message.get("content") or ""
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError):
-        raise RetryableError(f"malformed response (not chat-completions JSON): {body[:120]!r}") from None
+        # Scrub before cutting: an excerpt that ends inside an echoed key must not keep its first characters.
+        excerpt = scrub(body.decode("utf-8", "replace"))[:120]
+        raise RetryableError(f"malformed response (not chat-completions JSON): {excerpt!r}") from None
     if isinstance(content, list):  # some servers return content parts
         content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
     if not isinstance(content, str) or not content.strip():
@@ -111,14 +116,15 @@ class OpenAIBackend:
     def __post_init__(self) -> None:
         # Read once, keep private; local servers (vLLM, Ollama) usually need no key at all.
         self._api_key = os.environ.get(self.api_key_env, "")
+        register_secret(self._api_key)
         if not self._api_key:
             logger.info("environment variable %s is not set: sending requests without an API key", self.api_key_env)
         self._connection_failures = 0  # images in a row lost to connection errors; shared by the workers
         self._failures_lock = threading.Lock()
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key replaced, so no error message can leak it."""
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        """``text`` with the API key (and any other registered secret) replaced, so no error message can leak it."""
+        return scrub(text)
 
     # ------------------------------------------------------------------ one HTTP request
     def _post(self, payload: bytes) -> str:
@@ -159,7 +165,7 @@ class OpenAIBackend:
         try:
             image_url = encode_image(job.load_image())
         except BadImageError as error:
-            return CaptionOutcome(job, error=str(error), attempts=0)
+            return CaptionOutcome(job, error=error.reason, attempts=0)
         content = [{"type": "text", "text": job.prompt}, {"type": "image_url", "image_url": {"url": image_url}}]
         body = {"model": self.model, "messages": [{"role": "user", "content": content}]}
         body.update(max_tokens=self.max_new_tokens, temperature=self.temperature)

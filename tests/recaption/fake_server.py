@@ -1,16 +1,17 @@
 """A local OpenAI-compatible chat-completions server for tests, the benchmark and offline demos.
 
 It answers every request with a deterministic dense caption after ``latency`` seconds, and can inject faults: a
-repeating ``fault_cycle`` of per-request answers ('ok', '429', '500', 'timeout', 'garbage', 'empty'), and a
-``fail_marker`` that makes every request whose prompt contains it fail with HTTP 500. Run it on its own with
-``python -m training.recaption.fake_server --port 8000 --latency 0.2``.
+``fault_cycle`` of answers ('ok', '429', '500', 'timeout', 'garbage', 'empty') that each image walks through on its own
+(the n-th request for the same prompt and image gets ``fault_cycle[n % len]``, so what an image meets does not depend
+on how the requests of other images interleave), and a ``fail_marker`` that makes every request whose prompt contains
+it fail with HTTP 500. ``max_in_flight`` records the most requests it served at once. Run it on its own from the
+repository root with ``python -m tests.recaption.fake_server --port 8000 --latency 0.2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import logging
 import threading
@@ -157,11 +158,13 @@ class FakeServerSettings:
     """How the fake server behaves."""
 
     latency: float = 0.0  # seconds added to every answer
-    fault_cycle: list[str] = field(default_factory=lambda: ["ok"])  # per-request answers, repeating
+    fault_cycle: list[str] = field(default_factory=lambda: ["ok"])  # answers per image, repeating
     fail_marker: str | None = None  # prompts containing this always get HTTP 500
     timeout_seconds: float = 3.0  # how long a 'timeout' answer stalls
     retry_after: str = "0"  # the Retry-After header sent with 429
     echo_authorization: bool = False  # put the Authorization header in error bodies (tests key redaction)
+    gather: int = 0  # hold the first requests until this many are in flight at once (tests concurrency without clocks)
+    gather_timeout: float = 30.0  # ... or until this many seconds have passed
 
 
 class FakeOpenAIServer:
@@ -172,9 +175,12 @@ class FakeOpenAIServer:
         unknown = sorted(set(self.settings.fault_cycle) - set(FAULTS))
         if unknown:
             raise ValueError(f"fault_cycle holds {unknown}; allowed: {', '.join(FAULTS)}")
-        self._cycle = itertools.cycle(self.settings.fault_cycle)
+        self._attempts: dict[str, int] = {}  # requests so far per (prompt, image)
         self._lock = threading.Lock()
         self.requests: list[dict] = []  # one entry per request: fault, authorization, model
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._gathered = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -183,12 +189,15 @@ class FakeOpenAIServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def next_fault(self, prompt: str) -> str:
+    def next_fault(self, prompt: str, image_url: str = "") -> str:
+        """The answer for this request: the next entry of the cycle for this prompt and image."""
+        identity = hashlib.sha256((prompt + image_url).encode()).hexdigest()
         with self._lock:
-            fault = next(self._cycle)
+            attempt = self._attempts.get(identity, 0)
+            self._attempts[identity] = attempt + 1
         if self.settings.fail_marker and self.settings.fail_marker in prompt:
             return "500"
-        return fault
+        return self.settings.fault_cycle[attempt % len(self.settings.fault_cycle)]
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -219,7 +228,7 @@ class FakeOpenAIServer:
                 except (json.JSONDecodeError, KeyError, IndexError, TypeError):
                     self._send(400, b'{"error": {"message": "bad request"}}')
                     return
-                fault = server.next_fault(prompt)
+                fault = server.next_fault(prompt, image)
                 with server._lock:
                     server.requests.append(
                         {
@@ -229,8 +238,17 @@ class FakeOpenAIServer:
                             "image_prefix": image[:23],
                         }
                     )
-                time.sleep(server.settings.latency)
-                server.answer(self, fault, prompt, image)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    if server.in_flight >= server.settings.gather:
+                        server._gathered.set()
+                try:
+                    server._gathered.wait(server.settings.gather_timeout)
+                    time.sleep(server.settings.latency)
+                    server.answer(self, fault, prompt, image)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
         return Handler
 
@@ -249,7 +267,8 @@ class FakeOpenAIServer:
             time.sleep(self.settings.timeout_seconds)
             handler._send(504, b'{"error": "too slow"}')
         elif fault == "garbage":
-            handler._send(200, b"<html>{not json at all")
+            # With echo_authorization the key sits where a 120-character excerpt of the answer cuts it in two.
+            handler._send(200, ("<html>{not json at all " + ("x" * 80 + auth if auth else "")).encode())
         else:
             content = "" if fault == "empty" else fake_caption(prompt, image_url)
             body = {
