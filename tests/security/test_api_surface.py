@@ -82,7 +82,7 @@ ALLOWED = {
     "train_start": [
         "Dataset",
         "Base model",
-        "Card preset",
+        "Preset",
         "Run name",
         "Steps",
         "Learning rate",
