@@ -439,6 +439,9 @@ class LensEngine:
                         request, steps, guidance, seeds, batch, start, on_progress, cancel_event
                     ),
                     self.pipe.memory_mode,
+                    request.width,
+                    request.height,
+                    guidance,
                 )
                 for image, image_seed in zip(images, seeds, strict=True):
                     setting = self._settings_for(request, steps, guidance, image_seed)
