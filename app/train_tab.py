@@ -17,6 +17,7 @@ import pandas as pd
 from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_ORDER, parse_override
 from training.job import JobStatus, TrainingJob
+from training.memory_estimate import detected_gpu_gib, preset_suggestion
 
 logger = logging.getLogger(__name__)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -101,7 +102,9 @@ def build_train_tab(output_root: Path, engine=None) -> None:
             demo = engine is not None and getattr(engine, "model_label", None) == TINY_MODEL
             base = TINY_MODEL if demo else VARIANTS["Lens-Base"].repo_ids[0]
             model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
-            preset = gr.Dropdown(list(PRESET_ORDER), value="16gb", label="Card preset")
+            # The preset whose simulated peak (training/memory_table.json) fits this machine's GPU.
+            suggested, why = preset_suggestion(detected_gpu_gib())
+            preset = gr.Dropdown(list(PRESET_ORDER), value=suggested, label="Card preset", info=why)
             run_name = gr.Textbox(label="Run name", value="my-lora")
             with gr.Row():
                 max_steps = gr.Number(label="Steps", value=1000, precision=0, minimum=1)
