@@ -414,11 +414,6 @@ def build_simulated_pipeline(
 ):
     """A `LensPipeline` of fake components in host memory, as `load_pipeline` leaves it (call inside
     `simulation()`). Without a tokenizer: `simulate_mode` gives it `_WindowTokenizer`, which only counts tokens."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .pipeline_lens import LensPipeline
-    from .tiny import SCHEDULER_CONFIG
-
     encoder, transformer, vae = build_modules_on_meta(
         encoder_config or REAL_ENCODER_CONFIG, transformer_config, vae_config
     )
@@ -426,15 +421,27 @@ def build_simulated_pipeline(
     cast_as_loaded(encoder, transformer, vae, dtype)
     for module in (encoder, transformer, vae):
         module.eval().requires_grad_(False)
+    pipe = pipeline_of(encoder, transformer, vae)
+    pipe.__class__ = _simulated_pipeline_class()
+    return pipe
+
+
+def pipeline_of(text_encoder, transformer, vae):
+    """A quiet `LensPipeline` around these components with the official scheduler and no tokenizer (the simulations
+    feed text features or count tokens themselves)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .pipeline_lens import LensPipeline
+    from .tiny import SCHEDULER_CONFIG
+
     pipe = LensPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        text_encoder=encoder,
+        text_encoder=text_encoder,
         tokenizer=None,
         transformer=transformer,
         vae=vae,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.__class__ = _simulated_pipeline_class()
     return pipe
 
 

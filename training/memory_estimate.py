@@ -243,19 +243,9 @@ def _step(trainer, optimizer, trainable, case: TrainingCase) -> None:
 
 def _sample(transformer, vae, case: TrainingCase, tracker) -> int:
     """LensTrainer.write_samples: the pipeline with guidance at the sample size, with the training state resident."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from lens_core.memory_sim import pipeline_of
 
-    from lens_core.pipeline_lens import LensPipeline
-    from lens_core.tiny import SCHEDULER_CONFIG
-
-    pipe = LensPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        text_encoder=None,
-        tokenizer=None,
-        transformer=transformer,
-        vae=vae,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_of(None, transformer, vae)
     transformer.eval()
     dtype = pipe.transformer_dtype
     layers = [torch.empty(1, TEXT_TOKENS, transformer.config.enc_hidden_dim, dtype=dtype) for _ in range(4)]
@@ -389,12 +379,20 @@ def training_peak(
             _init_keys(LensTransformer2DModel, transformer_config),
             None if vae_config is None else _init_keys(AutoencoderKLFlux2, vae_config),
         )
-    key = TrainingCase.from_config(config, bucket).key()
+    cached = cached_training_peak(config)
+    if cached is not None:
+        return cached
+    logger.info("This training config is not in the cached table; simulating one step (about half a minute).")
+    return simulate_training(config, bucket)
+
+
+def cached_training_peak(config: TrainConfig) -> TrainingPeak | None:
+    """The cached table's peak for `config` on the real model at its largest bucket, None when not tabled."""
+    key = TrainingCase.from_config(config, largest_bucket(config.data.buckets)).key()
     for row in load_training_table()["real"]:
         if _row_case(row).key() == key:
             return _row_peak(row)
-    logger.info("This training config is not in the cached table; simulating one step (about half a minute).")
-    return simulate_training(config, bucket)
+    return None
 
 
 def _init_keys(model_class, config: dict) -> dict:
@@ -414,8 +412,13 @@ def _row_peak(row: dict) -> TrainingPeak:
 
 
 def preset_peaks() -> dict[str, TrainingPeak]:
-    """Each preset's simulated peak at its own buckets (the largest bucket decides), from the cached table."""
-    return {name: training_peak(preset_config(name)) for name in PRESET_ORDER}
+    """Each preset's simulated peak at its own buckets (the largest bucket decides), from the cached table (never
+    simulated on the spot: the app asks at start-up)."""
+    peaks = {name: cached_training_peak(preset_config(name)) for name in PRESET_ORDER}
+    missing = [name for name, peak in peaks.items() if peak is None]
+    if missing:
+        raise ValueError(f"The cached training table has no row for the presets {missing}; run {REGENERATE_COMMAND}")
+    return peaks
 
 
 def fitting_preset(total_gib: float) -> str | None:
@@ -482,7 +485,11 @@ def detected_gpu_gib() -> float | None:
 def preset_suggestion(total_gib: float | None, default: str = "16gb") -> tuple[str, str]:
     """(preset, explanation) for the Train tab: the largest preset whose simulated need fits this GPU, or `default`
     with the simulated needs listed when there is no GPU here (the run may go to another machine) or none fits."""
-    peaks = preset_peaks()
+    try:
+        peaks = preset_peaks()
+    except ValueError as error:  # a stale table must not stop the app; the run's own check still simulates
+        logger.warning("%s", error)
+        return default, "The simulated preset table is out of date; every run still checks its own config."
     needs = ", ".join(f"{name} {peak.card_gib:.1f}" for name, peak in peaks.items())
     suggested = suggest_preset(total_gib)
     if total_gib is None:

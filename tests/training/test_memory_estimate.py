@@ -105,3 +105,11 @@ def test_readme_preset_table_is_the_generated_one():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert format_preset_summary(load_training_table()) in readme
+
+
+def test_every_preset_is_in_the_cached_table():
+    """The app reads preset needs at start-up and never simulates them there: the table must have every preset."""
+    from training.memory_estimate import cached_training_peak
+
+    for name in PRESET_ORDER:
+        assert cached_training_peak(preset_config(name)) is not None, name
