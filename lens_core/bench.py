@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--write-table",
         action="store_true",
-        help="With --simulate: simulate everything again (about 15 minutes on a CPU) and cache it in the package.",
+        help="With --simulate: simulate everything again (about 20 minutes on a CPU) and cache it in the package.",
     )
     parser.add_argument(
         "--calibrate",
