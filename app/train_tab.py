@@ -33,6 +33,7 @@ from lens_core.engine import EngineNotReady, list_loras
 from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_NAMES, TrainConfig, parse_override
 from training.jobs import Job, TrainingStatus, resume_training, start_training, training_status
+from training.memory_estimate import detected_gpu_gib, preset_suggestion
 
 logger = logging.getLogger(__name__)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -135,16 +136,14 @@ def run_folder(output_root: Path, run_name: str) -> Path:
     return Path(output_root) / run_name
 
 
-LORA_PRESETS = ("12gb", "16gb", "24gb")  # the 48gb preset is full fine-tuning, not a LoRA: never a default here
-
-
-def default_preset() -> str:
-    """The preset this machine runs: `cpu` without CUDA, else the largest LoRA preset the GPU's memory holds."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    fitting = [name for name in LORA_PRESETS if int(name.removesuffix("gb")) <= total_gb + 0.5]
-    return fitting[-1] if fitting else LORA_PRESETS[0]
+def default_preset() -> tuple[str, str]:
+    """(preset, why) for this machine: `cpu` without CUDA, else the largest LoRA preset whose simulated peak
+    (training/memory_table.json) fits the GPU; the full fine-tune is never proposed here (the tab trains adapters)."""
+    total_gib = detected_gpu_gib()
+    suggested, why = preset_suggestion(total_gib, adapters_only=True)
+    if total_gib is None and not torch.cuda.is_available():
+        return "cpu", f"{why} The cpu preset runs on this machine."
+    return suggested, why
 
 
 def _status_markdown(folder: Path, status: TrainingStatus) -> str:
@@ -206,12 +205,8 @@ def build_train_tab(
             else:
                 dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
                 model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
-            preset = gr.Dropdown(
-                list(PRESET_NAMES),
-                value=default_preset(),
-                label="Preset",
-                info="card sizes (simulated peaks in the README); cpu: a machine without CUDA",
-            )
+            suggested, why = default_preset()
+            preset = gr.Dropdown(list(PRESET_NAMES), value=suggested, label="Preset", info=why)
             run_name = gr.Textbox(label="Run name", value="my-lora")
             with gr.Row():
                 steps = 1000 if torch.cuda.is_available() else 200

@@ -2,11 +2,16 @@
 
 Builds the components with random weights (speed and memory do not depend on the values): the real-size model on a
 GPU (`--size real`), the tiny one elsewhere (`--size tiny`, seconds on a CPU, so CI runs the same code). For each mode,
-variant and resolution it prints time per image, time per denoiser step, text-encoding time, peak GPU memory, peak
-RAM the mode holds in CPU memory while generating, and the cosine similarity of the latents to the `full` mode's on the same seed. `--vram-cap-gb 8` caps
-the usable GPU memory (`torch.cuda.set_per_process_memory_fraction`) to show a mode really fits an 8 GB card.
+variant and resolution it prints time per image, time per denoiser step, text-encoding time, peak GPU memory (at real
+size next to the simulated peak of `lens_core.memory_sim`), peak RAM the mode holds in CPU memory while generating,
+and the cosine similarity of the latents to the `full` mode's on the same seed. `--vram-cap-gb 8` caps the usable GPU
+memory (`torch.cuda.set_per_process_memory_fraction`) to show a mode really fits an 8 GB card.
+
+Without a GPU: `--simulate` prints the simulated peak memory of every mode at real size (`--write-table` simulates it
+again and caches it in the package), `--calibrate` compares the simulator with real CPU runs.
 
     python -m lens_core.bench --size real --vram-cap-gb 12 --out bench-12gb.md
+    python -m lens_core.bench --simulate
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from .memory import (
     free_device_memory,
     run_with_oom_guard,
 )
+from .memory_sim import REAL_ENCODER_CONFIG, build_modules_on_meta, cast_as_loaded
 from .presets import VARIANTS
-from .text_encoder import GPT_OSS_ROPE_PARAMETERS
 
 logger = logging.getLogger(__name__)
 
@@ -42,20 +47,6 @@ BENCH_PROMPT = "A red fox sitting in tall green grass at sunset, warm light, det
 BENCH_VARIANTS = ("Lens", "Lens-Turbo")  # their steps and guidance come from lens_core.presets.VARIANTS
 REAL_SIZES = (1024, 1440)
 TINY_SIZES = (64,)
-REAL_ENCODER_CONFIG = {
-    "num_hidden_layers": 24,
-    "num_local_experts": 32,
-    "num_experts_per_tok": 4,
-    "vocab_size": 201088,
-    "hidden_size": 2880,
-    "intermediate_size": 2880,
-    "head_dim": 64,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "sliding_window": 128,
-    "max_position_embeddings": 131072,
-    "rope_parameters": GPT_OSS_ROPE_PARAMETERS,
-}
 
 
 @dataclass
@@ -71,6 +62,7 @@ class BenchRow:
     image_s: float | None = None
     step_s: float | None = None
     peak_gpu_gb: float | None = None
+    simulated_gpu_gb: float | None = None  # lens_core.memory_sim's peak for this row (real size only)
     peak_ram_gb: float | None = None
     cosine_to_full: float | None = None
     cfg_slowdown: float | None = None  # guidance-1 variants: loop time with the unconditional pass / without it
@@ -107,36 +99,26 @@ def build_random_components(
     encoder norms); the tokenizer comes from the tiny builder. The defaults of the two configs are the real model
     (about 22 GB of RAM in bf16)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
-    from transformers import GptOssConfig
 
-    from .text_encoder import LensGptOssEncoder
     from .tiny import SCHEDULER_CONFIG, build_tiny_tokenizer
-    from .transformer_lens import LensTransformer2DModel
 
     generator = torch.Generator().manual_seed(seed)
     tokenizer = build_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="lens-bench-tokenizer-")))
-    config = GptOssConfig(**encoder_config, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id)
-    transformer_config = transformer_config or {}
-    selected = tuple(transformer_config.get("selected_layer_index", (5, 11, 17, 23)))
-    with torch.device("meta"):
-        encoder = LensGptOssEncoder(config, selected, mxfp4=True)
-        transformer = LensTransformer2DModel(**transformer_config)  # the defaults are the real config
+    encoder_config = {**encoder_config, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.pad_token_id}
+    encoder, transformer, _ = build_modules_on_meta(encoder_config, transformer_config, vae_config)
     encoder = encoder.to_empty(device="cpu")
-    encoder.rotary_emb = type(encoder.rotary_emb)(config)  # computed tables, not weights
-    _fill_random_(encoder.model, generator)
-    encoder.model.to(dtype)
-    for layer in encoder.model.layers:  # as the loader does: norms float32, MXFP4 bytes untouched
-        layer.input_layernorm.float()
-        layer.post_attention_layernorm.float()
+    encoder.rotary_emb = type(encoder.rotary_emb)(encoder.config)  # computed tables, not weights
     transformer = transformer.to_empty(device="cpu")
-    _fill_random_(transformer, generator)
-    vae = AutoencoderKLFlux2(**(vae_config or {}))  # FLUX.2 VAE defaults: 32 latent channels, downsampling 8
+    for module in (encoder.model, transformer):
+        _fill_random_(module, generator)
+    vae = AutoencoderKLFlux2(**(vae_config or {}))  # its own initialisation (FLUX.2 defaults: the real VAE)
+    cast_as_loaded(encoder, transformer, vae, dtype)
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         "tokenizer": tokenizer,
         "text_encoder": encoder.eval().requires_grad_(False),
-        "transformer": transformer.to(dtype).eval().requires_grad_(False),
-        "vae": vae.to(dtype).eval().requires_grad_(False),
+        "transformer": transformer.eval().requires_grad_(False),
+        "vae": vae.eval().requires_grad_(False),
     }
 
 
@@ -273,10 +255,24 @@ def run_benchmark(
     device: torch.device,
     repeats: int = 1,
     compile_blocks: bool = False,
+    real_size: bool = False,
 ) -> list[BenchRow]:
-    """Every (mode, variant, size): a fresh copy of the components per mode, since modes quantize and hook in place."""
+    """Every (mode, variant, size): a fresh copy of the components per mode, since modes quantize and hook in place.
+    `real_size`: the components are the real Lens, so each row also gets the simulated peak to compare with."""
     with RamPeak() as ram:
-        return _run_modes(components, modes, variants, sizes, device, repeats, compile_blocks, ram)
+        rows = _run_modes(components, modes, variants, sizes, device, repeats, compile_blocks, ram)
+    if real_size:
+        for row in rows:
+            row.simulated_gpu_gb = simulated_row_peak(row)
+    return rows
+
+
+def simulated_row_peak(row: BenchRow) -> float:
+    """The simulated peak of what `measure` ran: every row's run includes a guided batch (Lens's own guidance, and
+    guidance-1 variants are run once more with the unconditional batch for the CFG-pass cost)."""
+    from .memory_sim import generation_peak_gib
+
+    return generation_peak_gib(row.mode, row.size, row.size, guidance_scale=5.0)
 
 
 def _run_modes(components, modes, variants, sizes, device, repeats, compile_blocks, ram: RamPeak) -> list[BenchRow]:
@@ -333,6 +329,7 @@ HEADER = (
     "s / image",
     "s / step",
     "peak GPU GB",
+    "simulated GPU GB",
     "mode RAM GB",
     "cos vs full",
     "CFG-pass cost x",
@@ -354,6 +351,7 @@ def format_row(row: BenchRow) -> str:
         _number(row.image_s),
         _number(row.step_s, 4),
         _number(row.peak_gpu_gb, 2),
+        _number(row.simulated_gpu_gb, 2),
         _number(row.peak_ram_gb, 2),
         _number(row.cosine_to_full, 4),
         _number(row.cfg_slowdown, 2),
@@ -403,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="Timed runs per row; the fastest is reported.")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block first.")
     parser.add_argument("--out", default=None, help="Also write the table (markdown) here, and a .json beside it.")
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="Print the simulated peak memory of every mode at real size (no GPU, no weights: lens_core.memory_sim).",
+    )
+    parser.add_argument(
+        "--write-table",
+        action="store_true",
+        help="With --simulate: simulate everything again (about 20 minutes on a CPU) and cache it in the package.",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="Compare the simulator with real CPU runs of two real-width denoiser blocks at 512x512 (a minute).",
+    )
     return parser
 
 
@@ -414,9 +427,50 @@ def _split(text: str, allowed, what: str) -> list:
     return values
 
 
+def simulate_main(write_table: bool, out: str | None) -> int:
+    """`--simulate`: the simulated tables (markdown), from the cached table or simulated again."""
+    from . import memory_sim
+
+    if write_table:
+        table = memory_sim.build_memory_table()
+        memory_sim.write_memory_table(table)
+        memory_sim.load_memory_table.cache_clear()
+        logger.info("Wrote %s", memory_sim.table_path())
+    else:
+        table = memory_sim.load_memory_table()
+    text = (
+        f"Simulated at real size (torch {table['torch']}; {table['text_tokens']} text tokens; "
+        f"regenerate: {table['regenerate']})\n\n"
+        + memory_sim.format_generation_table(table)
+        + "\n"
+        + memory_sim.format_host_table(table)
+        + "\n"
+        + memory_sim.format_vae_table(table)
+    )
+    print(text)  # noqa: T201 (the command's output)
+    if out:
+        atomic_write_text(Path(out), text)
+    return 0
+
+
+def calibrate_main(out: str | None) -> int:
+    """`--calibrate`: the simulator against real CPU runs (the same live-bytes tracker on real tensors)."""
+    from .memory_sim import format_calibration, run_calibrations
+
+    text = format_calibration(run_calibrations())
+    print(text)  # noqa: T201 (the command's output)
+    if out:
+        atomic_write_text(Path(out), text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if args.simulate:
+        return simulate_main(args.write_table, args.out)
+    if args.calibrate:
+        return calibrate_main(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = args.size if args.size != "auto" else ("real" if device.type == "cuda" else "tiny")
     modes = list(MEMORY_MODES) if args.modes == "all" else _split(args.modes, MEMORY_MODES, "modes")
@@ -439,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         components = build_real_size_components(dtype)
     else:
         components = build_tiny_components(dtype)
-    rows = run_benchmark(components, modes, variants, list(resolutions), device, args.repeats, args.compile)
+    real_size = size == "real" and not args.checkpoint
+    rows = run_benchmark(
+        components, modes, variants, list(resolutions), device, args.repeats, args.compile, real_size=real_size
+    )
     table = format_table(rows, f"{device_label(device, args.vram_cap_gb)}, {size} model")
     print(table)  # noqa: T201 (the command's output)
     if args.out:

@@ -512,6 +512,9 @@ class LensEngine:
                             request, steps, guidance, seeds, batch, start, on_progress, cancel_event
                         ),
                         self.pipe.memory_mode,
+                        request.width,
+                        request.height,
+                        guidance,
                     )
                 except GenerationCancelled:
                     saved = (

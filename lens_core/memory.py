@@ -33,7 +33,8 @@ TRANSFORMER_PLACEMENTS = ("resident", "model_offload", "group_offload")
 
 @dataclass(frozen=True)
 class MemoryMode:
-    """One named placement / precision recipe. GB figures are estimates for 1024x1024 until BENCHMARKS.md has them."""
+    """One named placement / precision recipe. What it needs in GPU memory and system RAM comes from the simulation
+    (`lens_core.memory_sim`, cached in `memory_table.json`), not from these fields."""
 
     name: str
     description: str
@@ -43,8 +44,7 @@ class MemoryMode:
     transformer_placement: str  # resident | model_offload (diffusers) | group_offload (block by block)
     vae_tile_px: int | None  # the VAE decodes in tiles of this many pixels (None: in one piece)
     needs_cuda: bool  # False: also runs on CPU, where moving between CPU and GPU memory is a no-op
-    min_free_vram_gb: float  # what `auto` and the fit check require
-    max_ram_gb: float  # system RAM the mode needs at most (bf16 weights held in CPU memory, with headroom)
+    card_gib: float  # the smallest card it is meant for; the simulated 1024x1024 Lens generation must fit it
 
 
 MEMORY_MODES: dict[str, MemoryMode] = {
@@ -59,8 +59,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "resident",
             None,
             needs_cuda=False,
-            min_free_vram_gb=26,
-            max_ram_gb=8,
+            card_gib=32,
         ),
         MemoryMode(
             "fast",
@@ -72,8 +71,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "resident",
             None,
             needs_cuda=True,
-            min_free_vram_gb=21,
-            max_ram_gb=8,
+            card_gib=24,
         ),
         MemoryMode(
             "balanced",
@@ -85,21 +83,20 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "resident",
             1024,
             needs_cuda=False,
-            min_free_vram_gb=20,
-            max_ram_gb=16,
+            card_gib=24,
         ),
         MemoryMode(
             "low",
             "bf16 denoiser resident; the text encoder streams from pinned CPU memory one layer at a "
-            "time (a few hundred MB on the GPU); VAE in 512 px tiles. Same latents as full.",
+            "time (one layer and its dequantized expert: about 0.7 GiB on the GPU); VAE in 512 px tiles. "
+            "Same latents as full.",
             "12-16 GB (RTX 3060 12 GB, 4070, 4080)",
             "none",
             "stream",
             "resident",
             512,
             needs_cuda=False,
-            min_free_vram_gb=11,
-            max_ram_gb=16,
+            card_gib=12,
         ),
         MemoryMode(
             "minimal",
@@ -111,8 +108,7 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "resident",
             512,
             needs_cuda=False,
-            min_free_vram_gb=6.5,
-            max_ram_gb=18,
+            card_gib=8,
         ),
         MemoryMode(
             "offload",
@@ -124,21 +120,19 @@ MEMORY_MODES: dict[str, MemoryMode] = {
             "model_offload",
             512,
             needs_cuda=True,
-            min_free_vram_gb=13,
-            max_ram_gb=24,
+            card_gib=16,
         ),
         MemoryMode(
             "sequential",
             "bf16 denoiser offloaded block by block (diffusers group offload with CUDA streams); "
             "text encoder streamed; VAE in 512 px tiles. Slowest, smallest.",
-            "6 GB and smaller cards",
+            "6 GB and smaller cards (4 GB too)",
             "none",
             "stream",
             "group_offload",
             512,
             needs_cuda=True,
-            min_free_vram_gb=3,
-            max_ram_gb=24,
+            card_gib=4,
         ),
     )
 }
@@ -181,25 +175,66 @@ def usable_vram_gb(device: torch.device | None = None) -> float:
 
 
 def total_ram_gb() -> float:
-    """System RAM installed, in GB (what a mode's `max_ram_gb` is compared with)."""
+    """System RAM installed, in GiB (what a mode's simulated host-memory need is compared with)."""
     import psutil
 
     return psutil.virtual_memory().total / 2**30
 
 
-def pick_memory_mode(vram_gb: float, ram_gb: float) -> str:
-    """The largest mode in SIZE_ORDER whose GPU need fits `vram_gb` and whose CPU-memory need fits `ram_gb`."""
-    for name in SIZE_ORDER:
-        mode = MEMORY_MODES[name]
-        if mode.min_free_vram_gb <= vram_gb and mode.max_ram_gb <= ram_gb:
+# What `auto` plans for: the app's default image (Lens, 20 steps with guidance, 1024x1024).
+REFERENCE_SIZE = (1024, 1024)
+REFERENCE_GUIDANCE = 5.0
+# The process around the weights: Python, torch, diffusers, transformers and gradio take 0.4-0.5 GiB of private
+# memory (measured: USS after importing them, torch 2.13 CPU), and the CUDA runtime with its libraries about 1 GiB
+# more on the host (estimate; the measured column of BENCHMARKS.md will say).
+HOST_PROCESS_GIB = 1.5
+
+
+def mode_vram_need_gib(
+    name: str,
+    width: int = REFERENCE_SIZE[0],
+    height: int = REFERENCE_SIZE[1],
+    guidance_scale: float = REFERENCE_GUIDANCE,
+    precision: str | None = None,
+) -> float:
+    """GPU memory (GiB, as `usable_vram_gb` counts it) mode `name` needs for one image: the simulated peak plus the
+    allocator and workspace margin (`lens_core.memory_sim.required_free_gib`). `precision` overrides the mode's
+    denoiser precision."""
+    from .memory_sim import generation_peak_gib, required_free_gib
+
+    mode = get_memory_mode(name)
+    if precision == mode.transformer_precision:
+        precision = None
+    return required_free_gib(generation_peak_gib(mode.name, width, height, guidance_scale, precision))
+
+
+def mode_ram_need_gib(name: str) -> float:
+    """System RAM (GiB) mode `name` needs: the simulated host peak of loading and placing it, plus the process."""
+    from .memory_sim import host_peak_gib
+
+    return host_peak_gib(get_memory_mode(name).name) + HOST_PROCESS_GIB
+
+
+def pick_memory_mode(
+    vram_gb: float,
+    ram_gb: float,
+    width: int = REFERENCE_SIZE[0],
+    height: int = REFERENCE_SIZE[1],
+    guidance_scale: float = REFERENCE_GUIDANCE,
+) -> str:
+    """The largest mode in SIZE_ORDER whose simulated GPU need (for a `width` x `height` image at this guidance)
+    fits `vram_gb` of usable GPU memory and whose simulated RAM need fits `ram_gb`."""
+    needs = {
+        name: (mode_vram_need_gib(name, width, height, guidance_scale), mode_ram_need_gib(name)) for name in SIZE_ORDER
+    }
+    for name, (vram_need, ram_need) in needs.items():
+        if vram_need <= vram_gb and ram_need <= ram_gb:
             return name
     raise ValueError(
-        f"No memory mode fits {vram_gb:.1f} GB of usable GPU memory and {ram_gb:.1f} GB of system RAM: "
-        + "; ".join(
-            f"{n} needs {MEMORY_MODES[n].min_free_vram_gb} GB GPU + {MEMORY_MODES[n].max_ram_gb} GB RAM"
-            for n in SIZE_ORDER
-        )
-        + ". Run on CPU with --device cpu."
+        f"No memory mode fits {vram_gb:.1f} GiB of usable GPU memory and {ram_gb:.1f} GiB of system RAM for a "
+        f"{width}x{height} image: "
+        + "; ".join(f"{name} needs {vram:.1f} GiB GPU + {ram:.1f} GiB RAM" for name, (vram, ram) in needs.items())
+        + " (simulated). Run on CPU with --device cpu."
     )
 
 
@@ -212,8 +247,14 @@ def choose_memory_mode(device: torch.device | str | None = None) -> str:
     return pick_memory_mode(vram, total_ram_gb())
 
 
-def check_mode_fits(mode: MemoryMode, device: torch.device) -> None:
-    """Raise a ValueError when `mode` cannot work on `device`, naming the mode that would."""
+def fitting_modes(vram_gb: float, width: int, height: int, guidance_scale: float) -> list[str]:
+    """The modes of SIZE_ORDER whose simulated need for this image fits `vram_gb`, largest first."""
+    return [name for name in SIZE_ORDER if mode_vram_need_gib(name, width, height, guidance_scale) <= vram_gb]
+
+
+def check_mode_fits(mode: MemoryMode, device: torch.device, precision: str | None = None) -> None:
+    """Raise a ValueError when `mode` (with its denoiser in `precision`, default its own) cannot work on `device`
+    (by the simulated need of a 1024x1024 Lens image), naming the mode that would."""
     if device.type != "cuda":
         if mode.needs_cuda:
             raise ValueError(
@@ -222,20 +263,21 @@ def check_mode_fits(mode: MemoryMode, device: torch.device) -> None:
             )
         return
     vram = usable_vram_gb(device if device.index is not None else None)
-    if vram < mode.min_free_vram_gb:
-        fitting = [name for name in SIZE_ORDER if MEMORY_MODES[name].min_free_vram_gb <= vram]
+    need = mode_vram_need_gib(mode.name, precision=precision)
+    if vram < need:
+        fitting = fitting_modes(vram, *REFERENCE_SIZE, REFERENCE_GUIDANCE)
         advice = f"{fitting[0]!r} fits this GPU" if fitting else "no mode fits it; run on CPU with --device cpu"
         raise ValueError(
-            f"Memory mode {mode.name!r} needs about {mode.min_free_vram_gb} GB of GPU memory but only "
-            f"{vram:.1f} GB is usable; {advice}."
+            f"Memory mode {mode.name!r} needs about {need:.1f} GiB of GPU memory for a 1024x1024 image (simulated) "
+            f"but only {vram:.1f} GiB is usable; {advice}."
         )
-    check_precision_available(mode.transformer_precision, device)
-    ram = total_ram_gb()
-    if ram < mode.max_ram_gb:
+    check_precision_available(precision or mode.transformer_precision, device)
+    ram, ram_need = total_ram_gb(), mode_ram_need_gib(mode.name)
+    if ram < ram_need:
         logger.warning(
-            "Memory mode %s may need up to %.0f GB of system RAM; this machine has %.1f GB.",
+            "Memory mode %s needs about %.1f GiB of system RAM (simulated); this machine has %.1f GiB.",
             mode.name,
-            mode.max_ram_gb,
+            ram_need,
             ram,
         )
 
@@ -268,17 +310,30 @@ class PinnedOffload:
     def onload(self) -> None:
         """Copy every tensor to the device (asynchronously from pinned memory)."""
         for tensor, home in self.tensors:
-            tensor.data = home.to(self.device, non_blocking=True)
+            _point(tensor, home.to(self.device, non_blocking=True))
         self.is_onloaded = True
 
     def offload(self) -> None:
         """Point every tensor back at its CPU copy; the device copies are freed."""
         for tensor, home in self.tensors:
-            tensor.data = home
+            _point(tensor, home)
         self.is_onloaded = False
 
     def num_bytes(self) -> int:
         return sum(home.numel() * home.element_size() for _tensor, home in self.tensors)
+
+
+def _point(tensor: torch.Tensor, target: torch.Tensor) -> None:
+    """Make the parameter or buffer `tensor` use `target`'s memory, keeping the object the module holds."""
+    if torch._has_compatible_shallow_copy_type(tensor, target):
+        tensor.data = target  # CPU <-> CUDA: the usual case
+        return
+    # Two backends whose tensors cannot trade storage (the fake CPU and fake meta tensors of lens_core.memory_sim):
+    # swap the objects' contents with a fresh alias of `target`, so the caller's `target` object stays as it is.
+    replacement = target.detach()
+    if isinstance(tensor, nn.Parameter):
+        replacement = nn.Parameter(replacement, requires_grad=tensor.requires_grad)
+    torch.utils.swap_tensors(tensor, replacement)
 
 
 def _to_device(value, device: torch.device):
@@ -368,35 +423,59 @@ def apply_memory_mode(
             f"Memory mode {mode!r} streams the denoiser block by block in its loaded precision; "
             f"precision {precision!r} is not supported there. Use 'minimal' for a quantized denoiser."
         )
-    check_mode_fits(spec, device)
+    check_mode_fits(spec, device, precision)
     check_precision_available(precision, device)
     if spec.needs_cuda is False and device.type != "cuda" and spec.encoder_placement != "resident":
         logger.info("Memory mode %s on %s: the text encoder stays in CPU memory either way.", mode, device)
+    place_components(pipe, spec, precision, device)
+    pipe.memory_mode = mode
+    pipe.lens_precision = precision
+    return pipe
 
+
+@dataclass(frozen=True)
+class PlacementBackend:
+    """The library calls a placement makes; `lens_core.memory_sim` swaps in stand-ins that run on fake tensors."""
+
+    quantize: Callable = quantize_transformer  # (transformer, precision, device=...)
+    model_offload: Callable | None = None  # (pipe, device); None: diffusers' `enable_model_cpu_offload`
+    block_offload: Callable | None = None  # (transformer, device); None: diffusers' block-level group offload
+
+
+def place_components(
+    pipe, spec: MemoryMode, precision: str, device: torch.device, backend: PlacementBackend | None = None
+) -> None:
+    """Quantize and place `pipe`'s components as `spec` says (no checks: `apply_memory_mode` makes them)."""
+    backend = backend or PlacementBackend()
     # Quantize on the device the denoiser will run on (bitsandbytes quantizes while moving).
     quant_device = device if spec.transformer_placement == "resident" else torch.device("cpu")
     if precision != "none":
-        quantize_transformer(pipe.transformer, precision, device=quant_device)
+        backend.quantize(pipe.transformer, precision, device=quant_device)
     if spec.transformer_placement == "model_offload":
-        pipe.enable_model_cpu_offload(device=device)
+        (backend.model_offload or _diffusers_model_offload)(pipe, device)
     else:
         _place_encoder(pipe, spec, device)
         pipe.vae.to(device)
         if spec.transformer_placement == "group_offload":
-            pipe.transformer.enable_group_offload(
-                onload_device=device,
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-                use_stream=True,
-            )
+            (backend.block_offload or _diffusers_block_offload)(pipe.transformer, device)
         else:
             pipe.transformer.to(device)
     if spec.vae_tile_px:
         _enable_vae_tiling(pipe.vae, spec.vae_tile_px)
-    pipe.memory_mode = mode
-    pipe.lens_precision = precision
-    return pipe
+
+
+def _diffusers_model_offload(pipe, device: torch.device) -> None:
+    pipe.enable_model_cpu_offload(device=device)
+
+
+def _diffusers_block_offload(transformer, device: torch.device) -> None:
+    transformer.enable_group_offload(
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=True,
+    )
 
 
 def compile_transformer_blocks(transformer) -> None:
@@ -406,15 +485,26 @@ def compile_transformer_blocks(transformer) -> None:
 
 
 def format_memory_mode_table() -> str:
-    """The README's table of memory modes, generated from MEMORY_MODES so the two never disagree."""
-    lines = ["| mode | for | denoiser | text encoder | VAE tiles | what it does |", "|---|---|---|---|---|---|"]
+    """The README's table of memory modes, generated from MEMORY_MODES and the simulated table so they never
+    disagree: each card size next to the simulated peak of a Lens image (20 steps with guidance) at 1024x1024 and
+    1440x1440, the card that needs (peak plus the CUDA margin) and the system RAM."""
+    from .memory_sim import generation_peak_gib, required_card_gib
+
+    lines = [
+        "| mode | for | simulated peak 1024² / 1440² | card needed 1024² / 1440² | RAM | denoiser | text encoder "
+        "| VAE tiles | what it does |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for mode in MEMORY_MODES.values():
         denoiser = {"none": "bf16"}.get(mode.transformer_precision, mode.transformer_precision)
         if mode.transformer_placement != "resident":
             denoiser += f", {mode.transformer_placement.replace('_', ' ')}"
         tiles = f"{mode.vae_tile_px} px" if mode.vae_tile_px else "-"
+        peaks = [generation_peak_gib(mode.name, size, size, REFERENCE_GUIDANCE) for size in (1024, 1440)]
         lines.append(
-            f"| `{mode.name}` | {mode.target} | {denoiser} | {mode.encoder_placement.replace('_', ' ')} "
+            f"| `{mode.name}` | {mode.target} | {peaks[0]:.1f} / {peaks[1]:.1f} GiB "
+            f"| {required_card_gib(peaks[0]):.1f} / {required_card_gib(peaks[1]):.1f} GiB "
+            f"| {mode_ram_need_gib(mode.name):.1f} GiB | {denoiser} | {mode.encoder_placement.replace('_', ' ')} "
             f"| {tiles} | {mode.description} |"
         )
     return "\n".join(lines) + "\n"
@@ -449,17 +539,53 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_with_oom_guard(fn: Callable[[], Result], mode: str | None) -> Result:
-    """Call `fn()`; on a CUDA out-of-memory, free what it allocated and raise `LensOutOfMemoryError` naming the next
-    smaller memory mode. The pipeline stays usable: nothing it holds is touched."""
+def run_with_oom_guard(
+    fn: Callable[[], Result],
+    mode: str | None,
+    width: int | None = None,
+    height: int | None = None,
+    guidance_scale: float | None = None,
+) -> Result:
+    """Call `fn()`; on a CUDA out-of-memory, free what it allocated and raise `LensOutOfMemoryError` with advice from
+    the simulated table: the largest mode whose need for this image (`width` x `height` at `guidance_scale`) fits
+    this GPU, or the next smaller mode when the image is not given. The pipeline stays usable: nothing it holds is
+    touched."""
     try:
         return fn()
     except torch.OutOfMemoryError as error:
         detail = str(error).splitlines()[0] if str(error) else "CUDA out of memory"
     # Outside the except block: the traceback (and the tensors its frames hold) is released before freeing.
     free_device_memory()
-    smaller = next_smaller_mode(mode) if mode in MEMORY_MODES else None
+    usable = usable_vram_gb() if torch.cuda.is_available() else None
+    advice = oom_advice(mode, width, height, guidance_scale, usable)
+    raise LensOutOfMemoryError(f"The GPU ran out of memory in memory mode {mode!r} ({detail}). {advice}")
+
+
+def oom_advice(
+    mode: str | None,
+    width: int | None,
+    height: int | None,
+    guidance_scale: float | None,
+    usable_gib: float | None,
+) -> str:
+    """What to do after an out-of-memory: with the image size and the usable GPU memory known, the largest smaller
+    mode whose simulated need fits; otherwise the next smaller mode."""
+    known = mode in MEMORY_MODES
+    if known and width and height and usable_gib is not None:
+        guidance = REFERENCE_GUIDANCE if guidance_scale is None else guidance_scale
+        order = list(SIZE_ORDER)
+        start = order.index({"fast": "full", "offload": "minimal"}.get(mode, mode))
+        smaller = [name for name in fitting_modes(usable_gib, width, height, guidance) if order.index(name) > start]
+        if smaller:
+            need = mode_vram_need_gib(smaller[0], width, height, guidance)
+            return (
+                f"For {width}x{height} switch to the memory mode {smaller[0]!r} (it needs about {need:.1f} GiB, "
+                f"simulated; {usable_gib:.1f} GiB is usable), or use a smaller size."
+            )
+        return (
+            f"No smaller memory mode fits {width}x{height} in {usable_gib:.1f} GiB (simulated); use a smaller size "
+            f"or run on CPU."
+        )
+    smaller = next_smaller_mode(mode) if known else None
     advice = f"switch to the memory mode {smaller!r}" if smaller else "use a smaller image size or run on CPU"
-    raise LensOutOfMemoryError(
-        f"The GPU ran out of memory in memory mode {mode!r} ({detail}). Try a smaller size, or {advice}."
-    )
+    return f"Try a smaller size, or {advice}."

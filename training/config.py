@@ -187,34 +187,47 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Card-size presets: the memory knobs only. Figures behind them are in BENCHMARKS.md.
+# Card-size presets: the memory knobs only. Each is the most a card of that size does by the simulated peak of
+# one training step and of the sampling between steps (training/memory_table.json, BENCHMARKS.md): the samples'
+# float32 VAE decode at 1024x1024 is the peak of every LoRA preset from 12gb up.
 PRESETS: dict[str, dict] = {
-    "12gb": {
+    "8gb": {  # simulated 6.9 GiB: QLoRA on all 27 buckets, samples at 512
         "model.base_precision": "nf4",
         "adapter.method": "lora",
         "adapter.rank": 16,
         "optimizer.name": "adamw8bit",
         "loop.gradient_checkpointing": True,
-        "data.buckets": "lens-512",
+        "data.buckets": "lens",
         "monitor.sample_size": [512, 512],
     },
-    "16gb": {
-        "model.base_precision": "nf4",
+    "12gb": {  # simulated 10.5 GiB: an fp8 base instead of NF4, rank 32, all 27 buckets, samples at 1024
+        "model.base_precision": "fp8",
         "adapter.method": "lora",
         "adapter.rank": 32,
+        "adapter.alpha": 32.0,
         "optimizer.name": "adamw8bit",
         "loop.gradient_checkpointing": True,
         "data.buckets": "lens",
     },
-    "24gb": {
+    "16gb": {  # simulated 13.8 GiB: no quantized base, rank 64
         "model.base_precision": "bf16",
         "adapter.method": "lora",
-        "adapter.rank": 32,
+        "adapter.rank": 64,
+        "adapter.alpha": 64.0,
+        "optimizer.name": "adamw8bit",
+        "loop.gradient_checkpointing": True,
+        "data.buckets": "lens",
+    },
+    "24gb": {  # simulated 16.7 GiB: rank 128 with 32-bit AdamW (without checkpointing even 768 needs 27.8 GiB)
+        "model.base_precision": "bf16",
+        "adapter.method": "lora",
+        "adapter.rank": 128,
+        "adapter.alpha": 128.0,
         "optimizer.name": "adamw",
         "loop.gradient_checkpointing": True,
         "data.buckets": "lens",
     },
-    "48gb": {
+    "48gb": {  # simulated 43.4 GiB: float32 master weights and gradients, bf16 autocast copies, Adafactor
         "model.base_precision": "bf16",
         "adapter.method": "full",
         "optimizer.name": "adafactor",
@@ -235,7 +248,7 @@ PRESETS: dict[str, dict] = {
         "monitor.sample_steps": 8,
     },
 }
-PRESET_ORDER = ("12gb", "16gb", "24gb", "48gb")  # card sizes, smallest first
+PRESET_ORDER = ("8gb", "12gb", "16gb", "24gb", "48gb")  # card sizes, smallest first
 PRESET_NAMES = (*PRESET_ORDER, "cpu")
 BUCKET_SETS = ("lens", "lens-512", "lens-768", "lens-1024")
 

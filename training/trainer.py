@@ -146,7 +146,7 @@ class LensTrainer:
             transformer_file=model.transformer_file,
         )
         self.pipe.vae.to(torch.float32)  # cached latents are encoded in float32
-        check_fits_device(self.config, sum(p.numel() for p in self.pipe.transformer.parameters()), self.device)
+        check_fits_device(self.config, self.device, dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
         cache_dir = self.config.data.cache_dir or self.output_dir / "cache"
         self.cache = FeatureCache(cache_dir)
         self.data: PreparedData = prepare_data(

@@ -94,16 +94,3 @@ def test_example_configs_load(name):
     values = load_config_file(path)
     config = build_config(values, {"data.path": "/data"})
     assert config.preset == name
-
-
-def test_a_config_too_big_for_the_card_names_the_preset_that_fits():
-    from training.memory_estimate import estimate_peak_gb, fit_problem
-
-    real_size = 4_100_000_000
-    full = build_config({}, {"preset": "48gb", "data.path": "/data"})
-    lora_12 = build_config({}, {"preset": "12gb", "data.path": "/data"})
-    assert estimate_peak_gb(lora_12, real_size) < estimate_peak_gb(full, real_size)
-    message = fit_problem(full, real_size, total_gb=15.6)
-    assert message is not None and "GPU has 15.6 GiB" in message and "--preset" in message
-    assert fit_problem(lora_12, real_size, total_gb=80.0) is None
-    assert "no preset fits" in fit_problem(lora_12, real_size, total_gb=2.0)
