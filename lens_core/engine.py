@@ -151,19 +151,19 @@ class ProgressEvent:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _preview_projection() -> torch.Tensor:
-    # A fixed random 128 -> 3 projection (seeded, so every preview uses the same colours). It is not the VAE: it shows
-    # the layout emerging at 1/16 resolution, with false colours, for the cost of one small matmul.
+def _preview_projection(channels: int) -> torch.Tensor:
+    # A fixed random channels -> 3 projection (seeded, so every preview uses the same colours). It is not the VAE: it
+    # shows the layout emerging at 1/16 resolution, with false colours, for the cost of one small matmul.
     generator = torch.Generator().manual_seed(20260523)
-    return torch.randn(128, 3, generator=generator) / math.sqrt(128)
+    return torch.randn(channels, 3, generator=generator) / math.sqrt(channels)
 
 
 def latent_preview(tokens: torch.Tensor, height_tokens: int, width_tokens: int, size: int = 256):
-    """Packed latents [B, h*w, 128] -> a PIL preview of the first image (nearest-upscaled to about `size` px)."""
+    """Packed latents [B, h*w, C] -> a PIL preview of the first image (nearest-upscaled to about `size` px)."""
     from PIL import Image
 
     # Project on the latents' device, then move only [h*w, 3] to the CPU.
-    rgb = (tokens[0].float() @ _preview_projection().to(tokens.device)).cpu()  # [h*w, 3]
+    rgb = (tokens[0].float() @ _preview_projection(tokens.shape[-1]).to(tokens.device)).cpu()  # [h*w, 3]
     # Stretch mean +- 2 std to 0..1 (cheaper than percentiles; the absolute scale changes over the steps).
     rgb = ((rgb - rgb.mean()) / (4 * rgb.std()).clamp_min(1e-6) + 0.5).clamp(0, 1)
     pixels = (rgb.reshape(height_tokens, width_tokens, 3) * 255).to(torch.uint8).numpy()  # [h, w, 3]
@@ -448,7 +448,7 @@ class LensEngine:
 
     def _run_batch(self, request, steps, guidance, seeds, batch, start, on_progress, cancel_event) -> list:
         pipe = self.pipe
-        height_tokens, width_tokens = request.height // PIXELS_PER_TOKEN, request.width // PIXELS_PER_TOKEN
+        height_tokens, width_tokens = request.height // pipe.pixels_per_token, request.width // pipe.pixels_per_token
         total_steps = steps * request.batch_count
 
         def on_step(pipe, step: int, timestep, tensors: dict) -> dict:

@@ -80,7 +80,7 @@ def prepare_data(pipe, config: TrainConfig, cache: FeatureCache, device: torch.d
         latent_key = content_key("latent", sample.content_hash, bucket, identity)
         if not cache.has("latents", latent_key):
             pixels = fit_to_bucket(sample.open_image(), bucket)[None].to(device)  # [1, 3, H, W]
-            tokens = encode_images(pipe.vae, pixels)  # [1, L, 128]
+            tokens = encode_images(pipe.vae, pixels)  # [1, L, C]
             cache.put("latents", latent_key, {"tokens": tokens[0].float()})
         text_key, was_truncated = _encode_text_cached(pipe, cache, caption, config, identity, device)
         truncated += was_truncated
