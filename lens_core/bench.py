@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -450,4 +451,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["micro"]:  # `python -m lens_core.bench micro ...`: the CPU micro-benchmark (bench_cpu.py)
+        from .bench_cpu import main as micro_main
+
+        raise SystemExit(micro_main(sys.argv[2:]))
     raise SystemExit(main())

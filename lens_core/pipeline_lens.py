@@ -41,8 +41,13 @@ from .presets import (
 from .prompt import TokenizedPrompts, tokenize_prompts
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# model_index.json entries for our classes: the official library names (LENS_SPEC section 1), not our module paths.
-OFFICIAL_LIBRARIES = {"LensGptOssEncoder": "transformers", "LensTransformer2DModel": "diffusers"}
+# model_index.json entries as the official ones read (LENS_SPEC section 1), for what diffusers would otherwise record:
+# our module paths for our classes, and transformers 5's name for the class PreTrainedTokenizerFast now aliases.
+OFFICIAL_INDEX_ENTRIES = {
+    ("lens_core.text_encoder", "LensGptOssEncoder"): ("transformers", "LensGptOssEncoder"),
+    ("lens_core.transformer_lens", "LensTransformer2DModel"): ("diffusers", "LensTransformer2DModel"),
+    ("transformers", "TokenizersBackend"): ("transformers", "PreTrainedTokenizerFast"),
+}
 
 
 @dataclass
@@ -141,15 +146,15 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         self.check_components()
 
     def register_modules(self, **kwargs) -> None:
-        """diffusers' registration, with the official library names for our classes in the config (and so in the
-        saved model_index.json): ("transformers", "LensGptOssEncoder"), ("diffusers", "LensTransformer2DModel")."""
+        """diffusers' registration, with the official entries in the config (and so in the saved model_index.json):
+        ("transformers", "LensGptOssEncoder"), ("diffusers", "LensTransformer2DModel"),
+        ("transformers", "PreTrainedTokenizerFast")."""
         super().register_modules(**kwargs)
         for name, module in kwargs.items():
-            if module is None:
-                continue
-            library, class_name = _fetch_class_library_tuple(module)
-            if class_name in OFFICIAL_LIBRARIES and library.startswith("lens_core"):
-                self.register_to_config(**{name: (OFFICIAL_LIBRARIES[class_name], class_name)})
+            if module is not None:
+                entry = _fetch_class_library_tuple(module)
+                if entry in OFFICIAL_INDEX_ENTRIES:
+                    self.register_to_config(**{name: OFFICIAL_INDEX_ENTRIES[entry]})
 
     def check_components(self) -> None:
         """Raise a ValueError when the components do not fit together (latent channels, patch, text layers)."""

@@ -106,7 +106,7 @@ def quantize_mxfp4(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     1.5 x 2^2), values round to the nearest FP4 magnitude. `dequantize_mxfp4` of the result is the rounded weights;
     quantizing weights that are already MXFP4 values gives them back exactly.
     """
-    rows = weights.transpose(-1, -2).to(torch.float32)  # [..., out, in]
+    rows = weights.transpose(-1, -2).to(torch.float32).contiguous()  # [..., out, in]
     if rows.shape[-1] % MXFP4_BLOCK:
         raise ValueError(f"MXFP4 needs the input size to be a multiple of {MXFP4_BLOCK}, got {rows.shape[-1]}.")
     groups = rows.unflatten(-1, (-1, MXFP4_BLOCK))  # [..., out, G, 32]
