@@ -6,7 +6,8 @@ Times the pieces later changes are compared on, with random weights (speed does 
 - text encoding (a reduced-width GPT-OSS with MXFP4 experts): ours per call (the streaming modes), ours in `full`
   (dense experts resident), transformers' experts dequantized per call, and transformers' dense experts
   (dequantized once at load, the official path);
-- the denoiser forward (batch 1 and 2) and the whole pipeline (Turbo at guidance 1, Lens at guidance 5).
+- the denoiser forward (batch 1 and 2) and the whole pipeline in `full` (Turbo at guidance 1, Lens at guidance 5),
+  with the prompt encoded and with its features cached.
 
 Figures go to BENCHMARKS.md with the machine they were taken on; tests never assert on them.
 
@@ -103,14 +104,21 @@ class Timing:
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
     """Run once to warm up, then `repeats` times; the fastest run in milliseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return best_ms_each({"": fn}, repeats)[""]
+
+
+def best_ms_each(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Warm each up, then run them in turn `repeats` times (so a busy machine slows all of them alike); the fastest
+    run of each in milliseconds."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    logger.debug("%.2f ms (best of %d)", min(times) * 1e3, repeats)
-    return min(times) * 1e3
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) * 1e3 for name, values in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,21 +161,12 @@ def bench_rope(size: dict, dtype_name: str, repeats: int) -> list[Timing]:
         return (x32 * real.cos[None, :, None] + swapped * real.sin[None, :, None]).to(x.dtype)
 
     note = f"[1, {shape['tokens']}, {shape['heads']}, {shape['head_dim']}]"
-    return [
-        Timing(
-            "RoPE",
-            "real-valued pairs (before)",
-            dtype_name,
-            best_ms(lambda: rope_real_pairs(x, cos, sin), repeats),
-            note,
-        ),
-        Timing(
-            "RoPE", "complex multiply (now, eager)", dtype_name, best_ms(lambda: apply_rope(x, tables), repeats), note
-        ),
-        Timing(
-            "RoPE", "cos/sin + swapped pairs (torch.compile path)", dtype_name, best_ms(compiled_formula, repeats), note
-        ),
-    ]
+    fns = {
+        "real-valued pairs (before)": lambda: rope_real_pairs(x, cos, sin),
+        "complex multiply (now, eager)": lambda: apply_rope(x, tables),
+        "cos/sin + swapped pairs (torch.compile path, run eagerly)": compiled_formula,
+    }
+    return [Timing("RoPE", what, dtype_name, ms, note) for what, ms in best_ms_each(fns, repeats).items()]
 
 
 def bench_dequantize(dtype_name: str, repeats: int) -> list[Timing]:
@@ -179,29 +178,14 @@ def bench_dequantize(dtype_name: str, repeats: int) -> list[Timing]:
     blocks = torch.randint(0, 256, (2 * inter, hidden // MXFP4_BLOCK, 16), generator=generator, dtype=torch.uint8)
     scales = torch.randint(118, 125, (2 * inter, hidden // MXFP4_BLOCK), generator=generator, dtype=torch.uint8)
     note = f"one real gate_up expert ({2 * inter}x{hidden})"
-    return [
-        Timing(
-            "MXFP4 dequantize",
-            "two nibble lookups + ldexp (before)",
-            dtype_name,
-            best_ms(lambda: dequantize_two_lookups(blocks, scales, dtype), repeats),
-            note,
+    fns = {
+        "two nibble lookups + ldexp (before)": lambda: dequantize_two_lookups(blocks, scales, dtype),
+        "byte table + scale table (now)": lambda: dequantize_mxfp4(blocks, scales, dtype),
+        "transformers convert_moe_packed_tensors": lambda: convert_moe_packed_tensors(
+            blocks[None], scales[None], dtype=dtype
         ),
-        Timing(
-            "MXFP4 dequantize",
-            "byte table + scale table (now)",
-            dtype_name,
-            best_ms(lambda: dequantize_mxfp4(blocks, scales, dtype), repeats),
-            note,
-        ),
-        Timing(
-            "MXFP4 dequantize",
-            "transformers convert_moe_packed_tensors",
-            dtype_name,
-            best_ms(lambda: convert_moe_packed_tensors(blocks[None], scales[None], dtype=dtype), repeats),
-            note,
-        ),
-    ]
+    }
+    return [Timing("MXFP4 dequantize", what, dtype_name, ms, note) for what, ms in best_ms_each(fns, repeats).items()]
 
 
 class _TransformersExpertsPerCall(LensGptOssExperts):
@@ -249,6 +233,8 @@ def _encoder_variants(encoder) -> dict[str, torch.nn.Module]:
     """The same weights several ways: ours per call, ours with dense experts (full), transformers per call / dense."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+    encoder = copy.deepcopy(encoder)
+    encoder.release_dequantized_experts()
     full = copy.deepcopy(encoder)
     full.keep_dequantized_experts()
     per_call, dense, grouped = copy.deepcopy(encoder), copy.deepcopy(encoder), copy.deepcopy(encoder)
@@ -276,14 +262,13 @@ def _encoder_variants(encoder) -> dict[str, torch.nn.Module]:
 def bench_text_encoding(pipe, dtype_name: str, repeats: int) -> list[Timing]:
     tokens = pipe.tokenize([BENCH_PROMPT])
     note = f"{tokens.input_ids.shape[1]} tokens, {len(pipe.text_encoder.model.layers)} layers"
-    rows = []
+    fns = {
+        what: (lambda encoder=encoder: encoder(tokens.input_ids, attention_mask=tokens.attention_mask))
+        for what, encoder in _encoder_variants(pipe.text_encoder).items()
+    }
     with torch.no_grad():
-        for what, encoder in _encoder_variants(pipe.text_encoder).items():
-            ms = best_ms(
-                lambda encoder=encoder: encoder(tokens.input_ids, attention_mask=tokens.attention_mask), repeats
-            )
-            rows.append(Timing("text encoding", what, dtype_name, ms, note))
-    return rows
+        timings = best_ms_each(fns, repeats)
+    return [Timing("text encoding", what, dtype_name, ms, note) for what, ms in timings.items()]
 
 
 def bench_denoiser(pipe, dtype_name: str, repeats: int, image_size: int) -> list[Timing]:
@@ -317,31 +302,29 @@ def bench_denoiser(pipe, dtype_name: str, repeats: int, image_size: int) -> list
 
 
 def bench_pipeline(pipe, dtype_name: str, repeats: int, image_size: int) -> list[Timing]:
+    """Whole images in memory mode `full`, with the prompt encoded each time and with its features cached."""
     from .text_cache import TextFeatureCache
 
-    rows = []
+    cache = TextFeatureCache()
+
+    def run(steps: int, guidance: float, cached: bool):
+        pipe.text_feature_cache = cache if cached else None
+        generator = torch.Generator().manual_seed(0)
+        size = {"height": image_size, "width": image_size}
+        return pipe(
+            BENCH_PROMPT, **size, num_inference_steps=steps, guidance_scale=guidance, generator=generator
+        ).images
+
+    fns, notes = {}, {}
     for variant, steps, guidance in (("Lens-Turbo", 4, 1.0), ("Lens", 20, 5.0)):
-
-        def run(steps=steps, guidance=guidance):
-            return pipe(
-                BENCH_PROMPT,
-                height=image_size,
-                width=image_size,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(0),
-                output_type="pt",
-            ).images
-
-        pipe.text_feature_cache = None
-        uncached = best_ms(run, repeats)
-        pipe.text_feature_cache = TextFeatureCache()
-        cached = best_ms(run, repeats)
-        pipe.text_feature_cache = None
-        note = f"{steps} steps, guidance {guidance}, {image_size}x{image_size}"
-        rows.append(Timing("whole pipeline", f"{variant}, prompt encoded", dtype_name, uncached, note))
-        rows.append(Timing("whole pipeline", f"{variant}, features cached", dtype_name, cached, note))
-    return rows
+        for cached, label in ((False, "prompt encoded"), (True, "features cached")):
+            fns[f"{variant}, {label}"] = lambda steps=steps, guidance=guidance, cached=cached: run(
+                steps, guidance, cached
+            )
+            notes[f"{variant}, {label}"] = f"{steps} steps, guidance {guidance}, {image_size}x{image_size}"
+    timings = best_ms_each(fns, repeats)
+    pipe.text_feature_cache = None
+    return [Timing("whole pipeline", what, dtype_name, ms, notes[what]) for what, ms in timings.items()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,8 +333,9 @@ def bench_pipeline(pipe, dtype_name: str, repeats: int, image_size: int) -> list
 
 
 def build_pipeline(size_name: str, dtype: torch.dtype):
-    """A `LensPipeline` of the given size with random weights (MXFP4 experts), on CPU."""
+    """A `LensPipeline` of the given size with random weights (MXFP4 experts), on CPU in memory mode `full`."""
     from .bench import build_random_components
+    from .memory import apply_memory_mode
     from .pipeline_lens import LensPipeline
 
     size = SIZES[size_name]
@@ -371,7 +355,7 @@ def build_pipeline(size_name: str, dtype: torch.dtype):
         TINY_VAE,
         dtype=dtype,
     )
-    pipe = LensPipeline(**components)
+    pipe = apply_memory_mode(LensPipeline(**components), "full", "cpu")  # dense experts resident, as `full` keeps them
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

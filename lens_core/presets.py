@@ -53,7 +53,7 @@ VARIANTS: dict[str, VariantPreset] = {
     ),
     "Lens-Turbo": VariantPreset(
         name="Lens-Turbo",
-        description="distilled to 4 steps; guidance is baked in, so guidance and negative prompt have no effect",
+        description="distilled to 4 steps; guidance is baked in: at its guidance 1, guidance and negative prompt have no effect",
         num_inference_steps=4,
         guidance_scale=1.0,
         repo_ids=("microsoft/Lens-Turbo", "YuCollection/Lens-Turbo-Diffusers"),

@@ -11,6 +11,7 @@ The attention, norms and router come from transformers' GPT-OSS implementation; 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import (
 )
 
 from .atomic_io import atomic_write_text
-from .loading import HUB_DOWNLOAD_KWARGS, resolve_component_folder
+from .loading import HUB_DOWNLOAD_KWARGS, REFUSED_LOAD_KWARGS, resolve_component_folder
 from .presets import TEXT_FEATURE_LAYERS
 from .safetensors_io import checkpoint_files, iter_checkpoint_tensors, parse_size, save_sharded
 
@@ -76,6 +77,8 @@ _SAFETENSORS_BYTES = {
 }
 
 
+# transformers renamed the masks' `past_key_values` argument to `cache` during 5.x; use whichever this version has.
+_CACHE_KEYWORD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 # Byte -> its two FP4 values (low nibble = even element, high nibble = odd element), and scale byte -> 2^(s - 127).
 _BYTE_CODES = torch.stack([torch.arange(256) & 0x0F, torch.arange(256) >> 4], dim=-1)  # [256, 2]
 _FP4_MAGNITUDE_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # rounding thresholds between FP4 magnitudes
@@ -228,15 +231,6 @@ def _is_mxfp4(config) -> bool:
     return quantization.get("quant_method") == "mxfp4"
 
 
-# What `LensGptOssEncoder.from_pretrained` takes besides its own arguments, with why it is refused.
-_REFUSED_LOAD_KWARGS = {
-    "max_memory": "place the encoder with a memory mode (lens_core.memory) instead",
-    "offload_folder": "disk offload is not supported; the 'low' memory mode streams layers from CPU memory",
-    "offload_state_dict": "disk offload is not supported; the 'low' memory mode streams layers from CPU memory",
-    "quantization_config": "the experts already stay MXFP4; quantize the denoiser with a memory mode instead",
-}
-
-
 class LensGptOssEncoder(GptOssPreTrainedModel):
     """Text features from GPT-OSS: the outputs of `selected_layers` (before the final norm), nothing more.
 
@@ -364,9 +358,9 @@ class LensGptOssEncoder(GptOssPreTrainedModel):
         initialised first), and the Hub's `cache_dir`, `revision`, `token`, `force_download`, `local_files_only`.
         Others are refused with the reason.
         """
-        refused = {key: _REFUSED_LOAD_KWARGS[key] for key in hub_kwargs if key in _REFUSED_LOAD_KWARGS}
-        refused = {key: why for key, why in refused.items() if hub_kwargs[key] is not None}
-        unknown = sorted(set(hub_kwargs) - set(_REFUSED_LOAD_KWARGS) - set(HUB_DOWNLOAD_KWARGS))
+        refused = {key: REFUSED_LOAD_KWARGS[key] for key in hub_kwargs if key in REFUSED_LOAD_KWARGS}
+        refused = {key: why for key, why in refused.items() if hub_kwargs[key] not in (None, False)}
+        unknown = sorted(set(hub_kwargs) - set(REFUSED_LOAD_KWARGS) - set(HUB_DOWNLOAD_KWARGS))
         if refused or unknown:
             reasons = [f"{key}: {why}" for key, why in refused.items()] + [
                 f"{key}: not a known keyword" for key in unknown
@@ -501,7 +495,7 @@ class LensGptOssEncoder(GptOssPreTrainedModel):
             "config": self.config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": None,
+            _CACHE_KEYWORD: None,
         }
         masks = {
             "full_attention": create_causal_mask(**mask_kwargs),

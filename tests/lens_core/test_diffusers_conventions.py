@@ -227,7 +227,7 @@ def test_memory_modes_keep_dense_experts_only_when_resident(tiny_checkpoint):
 
 def test_encoder_from_pretrained_refuses_what_it_cannot_do(tiny_checkpoint):
     folder = tiny_checkpoint / "text_encoder"
-    with pytest.raises(ValueError, match="max_memory: place the encoder with a memory mode"):
+    with pytest.raises(ValueError, match="max_memory: use memory_mode="):
         LensGptOssEncoder.from_pretrained(folder, max_memory={0: "1GB"})
     with pytest.raises(ValueError, match="split it, use a memory mode"):
         LensGptOssEncoder.from_pretrained(folder, device_map="auto")
