@@ -418,19 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split(text: str, allowed, flag: str) -> list[str]:
-    values = [item.strip() for item in text.split(",") if item.strip()]
-    bad = [value for value in values if value not in allowed]
-    if not values or bad:
-        raise ValueError(f"{flag} got {bad or text!r}; allowed: {list(allowed)}.")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    dtypes = _split(args.dtypes, DTYPES, "--dtypes")
-    sections = _split(args.sections, SECTIONS, "--sections")
+    from .bench import _split  # one parser for comma lists across the benchmark commands
+
+    dtypes = _split(args.dtypes, DTYPES, "dtypes")
+    sections = _split(args.sections, SECTIONS, "sections")
     if args.repeats < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError(f"--repeats and --threads must be >= 1, got {args.repeats} and {args.threads}.")
     if args.threads:
