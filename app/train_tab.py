@@ -31,7 +31,7 @@ from app.serving import served_copy
 from app.uploads import list_datasets
 from lens_core.engine import EngineNotReady, list_loras
 from lens_core.presets import TINY_MODEL, VARIANTS
-from training.config import PRESET_NAMES, TrainConfig, parse_override
+from training.config import PRESET_NAMES, PRESETS, TrainConfig, parse_override
 from training.jobs import Job, TrainingStatus, resume_training, start_training, training_status
 from training.memory_estimate import detected_gpu_gib, preset_suggestion
 
@@ -146,6 +146,11 @@ def default_preset() -> tuple[str, str]:
     return suggested, why
 
 
+def preset_rank(name: str) -> int:
+    """The adapter rank preset `name` sets (the rank box starts there: it overrides the preset's rank)."""
+    return int(PRESETS.get(name, {}).get("adapter.rank", TrainConfig().adapter.rank))
+
+
 def _status_markdown(folder: Path, status: TrainingStatus) -> str:
     lines = [f"**{folder.name}**: {status.state}, step {status.step} / {status.max_steps or '?'}"]
     if status.losses:
@@ -212,7 +217,7 @@ def build_train_tab(
                 steps = 1000 if torch.cuda.is_available() else 200
                 max_steps = gr.Number(label="Steps", value=steps, precision=0, minimum=1)
                 learning_rate = gr.Number(label="Learning rate", value=1e-4, minimum=0)
-                rank = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1)
+                rank = gr.Number(label="LoRA rank", value=preset_rank(suggested), precision=0, minimum=1)
             trigger_word = gr.Textbox(label="Trigger word")
             sample_prompts = gr.Textbox(label="Sample prompts (one per line)", lines=2)
             extra_settings = gr.Textbox(
@@ -337,6 +342,8 @@ def build_train_tab(
             updates.update(select_loras(generate_tab, engine, workspace_root))
         return updates
 
+    # The rank box follows the preset, so starting with the box as it is trains the preset's rank.
+    preset.input(preset_rank, preset, rank, api_visibility="private", queue=False, show_progress="hidden")
     views = [status, curve, samples, lora_path]
     start.click(on_start, inputs, [folder_state, *views], api_name="train_start")
     stop.click(on_stop, folder_state, views, api_name="train_stop")

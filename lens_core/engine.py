@@ -23,7 +23,16 @@ import torch
 
 from .memory import run_with_oom_guard
 from .metadata import ImageSettings, save_png
-from .presets import PIXELS_PER_TOKEN, TINY_MODEL, VARIANTS, VariantPreset, get_variant
+from .presets import (
+    MAX_IMAGE_PIXELS,
+    MAX_STEPS,
+    PIXELS_PER_TOKEN,
+    TINY_MODEL,
+    VARIANTS,
+    VariantPreset,
+    get_variant,
+    guidance_is_identity,
+)
 from .text_cache import TextFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -31,8 +40,6 @@ logger = logging.getLogger(__name__)
 # Limits the engine accepts. Lens generalises up to the 1440 area (2080 px on the long side); a little more is allowed.
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_SIDE = 2560
-MAX_IMAGE_PIXELS = 1536 * 1536
-MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_BATCH_COUNT = 16
 MAX_BATCH_SIZE = 8
@@ -188,19 +195,19 @@ class ProgressEvent:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _preview_projection() -> torch.Tensor:
-    # A fixed random 128 -> 3 projection (seeded, so every preview uses the same colours). It is not the VAE: it shows
-    # the layout emerging at 1/16 resolution, with false colours, for the cost of one small matmul.
+def _preview_projection(channels: int) -> torch.Tensor:
+    # A fixed random channels -> 3 projection (seeded, so every preview uses the same colours). It is not the VAE: it
+    # shows the layout emerging at 1/16 resolution, with false colours, for the cost of one small matmul.
     generator = torch.Generator().manual_seed(20260523)
-    return torch.randn(128, 3, generator=generator) / math.sqrt(128)
+    return torch.randn(channels, 3, generator=generator) / math.sqrt(channels)
 
 
 def latent_preview(tokens: torch.Tensor, height_tokens: int, width_tokens: int, size: int = 256):
-    """Packed latents [B, h*w, 128] -> a PIL preview of the first image (nearest-upscaled to about `size` px)."""
+    """Packed latents [B, h*w, C] -> a PIL preview of the first image (nearest-upscaled to about `size` px)."""
     from PIL import Image
 
     # Project on the latents' device, then move only [h*w, 3] to the CPU.
-    rgb = (tokens[0].float() @ _preview_projection().to(tokens.device)).cpu()  # [h*w, 3]
+    rgb = (tokens[0].float() @ _preview_projection(tokens.shape[-1]).to(tokens.device)).cpu()  # [h*w, 3]
     # Stretch mean +- 2 std to 0..1 (cheaper than percentiles; the absolute scale changes over the steps).
     rgb = ((rgb - rgb.mean()) / (4 * rgb.std()).clamp_min(1e-6) + 0.5).clamp(0, 1)
     pixels = (rgb.reshape(height_tokens, width_tokens, 3) * 255).to(torch.uint8).numpy()  # [h, w, 3]
@@ -224,7 +231,7 @@ def estimate_gpu_seconds(num_inference_steps: int, width: int, height: int, imag
     """A generous GPU-time estimate for ZeroGPU's `duration`: the published 3.15 s for 20 steps at 1024x1024 with
     guidance on an H100 (about 0.16 s per step per megapixel), doubled for slower cards, plus load and decode time."""
     megapixels = width * height / 2**20
-    per_step = 0.16 * megapixels * (1.0 if guidance_scale > 1 else 0.5)
+    per_step = 0.16 * megapixels * (0.5 if guidance_is_identity(guidance_scale) else 1.0)  # 1: no unconditional pass
     return int(min(300, 15 + 2 * per_step * num_inference_steps * images + 2 * images))
 
 
@@ -279,7 +286,9 @@ class LensEngine:
         self.model_label = config.model
         self.status = "not loaded"  # "loading", "ready" or "error"
         self.load_error: str | None = None
-        self.loras: list[tuple[str, float]] = []  # the LoRAs loaded in the pipeline now (names as their caller named them)
+        self.loras: list[
+            tuple[str, float]
+        ] = []  # the LoRAs loaded in the pipeline now (names as their caller named them)
         self._lora_files: list[tuple[Path, float]] = []  # what is loaded: names differ per workspace, files do not
         # Per workspace, the set its requests with `loras=None` use: one visitor's choice never reaches another's images.
         self._active_loras: dict[Path, list[tuple[str, float]]] = {}
@@ -531,7 +540,7 @@ class LensEngine:
 
     def _run_batch(self, request, steps, guidance, seeds, batch, start, on_progress, cancel_event) -> list:
         pipe = self.pipe
-        height_tokens, width_tokens = request.height // PIXELS_PER_TOKEN, request.width // PIXELS_PER_TOKEN
+        height_tokens, width_tokens = request.height // pipe.pixels_per_token, request.width // pipe.pixels_per_token
         total_steps = steps * request.batch_count
 
         def on_step(pipe, step: int, timestep, tensors: dict) -> dict:

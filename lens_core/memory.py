@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,6 +23,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .presets import MAX_IMAGE_PIXELS
 from .quantization import check_precision_available, get_precision, quantize_transformer
 
 logger = logging.getLogger(__name__)
@@ -339,6 +341,8 @@ def _point(tensor: torch.Tensor, target: torch.Tensor) -> None:
 def _to_device(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple (e.g. the denoiser's RopeTables)
+        return type(value)(*(_to_device(item, device) for item in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_to_device(item, device) for item in value)
     if isinstance(value, dict):
@@ -440,6 +444,9 @@ class PlacementBackend:
     quantize: Callable = quantize_transformer  # (transformer, precision, device=...)
     model_offload: Callable | None = None  # (pipe, device); None: diffusers' `enable_model_cpu_offload`
     block_offload: Callable | None = None  # (transformer, device); None: diffusers' block-level group offload
+    # A resident encoder fills the room left after placement with dequantized experts (a speed cache, not a need:
+    # the simulation counts what a mode requires, so it leaves this off).
+    dense_experts: bool = True
 
 
 def place_components(
@@ -460,6 +467,9 @@ def place_components(
             (backend.block_offload or _diffusers_block_offload)(pipe.transformer, device)
         else:
             pipe.transformer.to(device)
+        if spec.encoder_placement == "resident" and backend.dense_experts:
+            # Last, so the room is what every component left: the denoiser and the VAE are already placed.
+            keep_dense_experts_if_room(pipe.text_encoder, device, spec.name)
     if spec.vae_tile_px:
         _enable_vae_tiling(pipe.vae, spec.vae_tile_px)
 
@@ -527,6 +537,35 @@ def _place_encoder(pipe, spec: MemoryMode, device: torch.device) -> None:
         enable_encoder_streaming(pipe.text_encoder, device)
     else:
         raise ValueError(f"Encoder placement {spec.encoder_placement!r} needs transformer_placement 'model_offload'.")
+
+
+def keep_dense_experts_if_room(encoder, device: torch.device, mode: str) -> int:
+    """A resident encoder (full, fast) holds its MXFP4 experts dequantized, layer by layer, as far as the memory left
+    after placement allows, so encoding does not dequantize on every call. On a GPU it keeps free what `mode`'s
+    largest image needs above its resident weights (the simulated table, with the CUDA margin); on the CPU a fifth
+    of the RAM (at least 4 GB). Returns the bytes added."""
+    keep = getattr(encoder, "keep_dequantized_experts", None)
+    if keep is None:
+        return 0
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        room = free - generation_headroom_gib(mode) * 2**30
+    else:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        room = memory.available - max(0.2 * memory.total, 4 * 2**30)
+    return keep(max(0, int(room)))
+
+
+def generation_headroom_gib(mode: str) -> float:
+    """Free GPU memory (GiB) a generation in `mode` needs above the weights placed for it: the simulated peak of the
+    largest image the engine accepts, with guidance, minus the mode's resident bytes, plus the allocator margin."""
+    from .memory_sim import generation_peak_gib, load_memory_table, required_free_gib
+
+    side = math.isqrt(MAX_IMAGE_PIXELS)
+    resident = load_memory_table()["real"]["modes"][mode]["resident_gib"]
+    return required_free_gib(generation_peak_gib(mode, side, side, REFERENCE_GUIDANCE)) - resident
 
 
 Result = TypeVar("Result")

@@ -41,6 +41,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .presets import PIXELS_PER_TOKEN, guidance_is_identity
+
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -617,7 +619,9 @@ def simulate_mode(
     from .presets import VARIANTS
 
     spec = get_memory_mode(mode)
-    backend = PlacementBackend(quantize_transformer_as_stored, _simulated_model_offload, _simulated_block_offload)
+    backend = PlacementBackend(
+        quantize_transformer_as_stored, _simulated_model_offload, _simulated_block_offload, dense_experts=False
+    )
     with simulation() as tracker:
         pipe = build_simulated_pipeline(encoder_config, transformer_config, vae_config)
         pipe.tokenizer = _WindowTokenizer()
@@ -680,9 +684,8 @@ def simulate_vae_decode(width: int, height: int, tile_px: int | None, vae_config
     of `tile_px` pixels as the memory modes set them (None: in one piece)."""
     from diffusers import AutoencoderKLFlux2
 
-    from .latents import PACKED_CHANNELS, decode_tokens
+    from .latents import LatentLayout, decode_tokens
     from .memory import _enable_vae_tiling
-    from .presets import PIXELS_PER_TOKEN
 
     with simulation() as tracker:
         with torch.device("meta"):
@@ -690,8 +693,9 @@ def simulate_vae_decode(width: int, height: int, tile_px: int | None, vae_config
         vae = vae.to_empty(device=SIMULATED_GPU).to(torch.bfloat16).eval().requires_grad_(False)
         if tile_px:
             _enable_vae_tiling(vae, tile_px)
-        height_tokens, width_tokens = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
-        tokens = torch.empty(1, height_tokens * width_tokens, PACKED_CHANNELS, device=SIMULATED_GPU)  # float32
+        layout = LatentLayout.from_vae(vae)  # the token grid and channels from the VAE's own config
+        height_tokens, width_tokens = height // layout.pixels_per_token, width // layout.pixels_per_token
+        tokens = torch.empty(1, height_tokens * width_tokens, layout.packed_channels, device=SIMULATED_GPU)  # float32
         tracker.reset_peak()
         with torch.no_grad():
             image = decode_tokens(vae, tokens, height_tokens, width_tokens)
@@ -824,14 +828,14 @@ def load_memory_table() -> dict:
 
 
 def _tokens(width: int, height: int) -> int:
-    return (width // 16) * (height // 16)
+    return (width // PIXELS_PER_TOKEN) * (height // PIXELS_PER_TOKEN)
 
 
 def generation_peak_gib(
     mode: str, width: int, height: int, guidance_scale: float, precision: str | None = None, table: dict | None = None
 ) -> float:
     """Simulated peak GiB of one generation in `mode`, from the cached table: the case with the same unconditional
-    batch (guidance > 1) and the fewest image tokens at or above this image's; beyond the largest case, extended
+    batch (every guidance but exactly 1) and the fewest image tokens at or above this image's; beyond the largest case, extended
     along the line through the two largest (activations grow linearly in the token count: attention never holds
     the scores)."""
     table = table or load_memory_table()
@@ -845,11 +849,11 @@ def generation_peak_gib(
         own = get_memory_mode(mode).transformer_precision
         shift = denoiser_weight_gib(precision) - denoiser_weight_gib(own)
         return generation_peak_gib(mode, width, height, guidance_scale, None, table) + shift
-    cfg = guidance_scale > 1.0
+    cfg = not guidance_is_identity(guidance_scale)
     points = sorted(
         (_tokens(case["width"], case["height"]), case["peak_gib"])
         for case in table["real"]["modes"][key]["cases"]
-        if (case["guidance_scale"] > 1.0) == cfg
+        if (not guidance_is_identity(case["guidance_scale"])) == cfg
     )
     tokens = _tokens(width, height)
     for case_tokens, peak in points:
@@ -990,7 +994,7 @@ def denoiser_activation_peak(
         model.requires_grad_(backward).train(backward)
         if backward:
             model.enable_gradient_checkpointing()
-        grid = (height // 16, width // 16)
+        grid = (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
         tokens = torch.randn(batch, grid[0] * grid[1], model.config.in_channels, dtype=dtype)  # [B, L, 128]
         text = [torch.randn(batch, text_tokens, model.config.enc_hidden_dim, dtype=dtype) for _ in range(4)]
         mask = torch.ones(batch, text_tokens, dtype=torch.bool)

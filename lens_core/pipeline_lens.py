@@ -1,12 +1,19 @@
 """`LensPipeline`: text -> image with Lens, numerically identical to the official pipeline (LENS_SPEC sections 3-5).
 
 `__call__` runs in a fixed order: 1. check inputs, 2. encode the prompt, 3. prepare latents, 4. timesteps,
-5. denoise, 6. decode.
+5. denoise, 6. decode. Every shape comes from the components' configs (`transformer.config.in_channels`, the VAE's
+`latent_channels` and `patch_size`), so a checkpoint in the Lens layout with other channel counts runs unchanged.
+
+Where it knowingly differs from the official pipeline, a switch restores the official behaviour (README, "What Lens
+is"): `prompt_truncation = "text"`, `strip_control_markers = False`, `prompt_date = <today>`,
+`keep_latents_float32 = False`.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,29 +22,39 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .latents import PACKED_CHANNELS, decode_tokens
+from .latents import LatentLayout, decode_tokens
 from .lora import LensLoraLoaderMixin
 from .presets import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     DEFAULT_PROMPT_DATE,
-    PIXELS_PER_TOKEN,
+    DEFAULT_PROMPT_TRUNCATION,
     VARIANTS,
     VariantPreset,
     compute_mu,
+    guidance_is_identity,
     resolve_size,
 )
-from .prompt import tokenize_prompts
+from .prompt import TokenizedPrompts, tokenize_prompts
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# model_index.json entries as the official ones read (LENS_SPEC section 1), for what diffusers would otherwise record:
+# our module paths for our classes, and transformers 5's name for the class PreTrainedTokenizerFast now aliases.
+OFFICIAL_INDEX_ENTRIES = {
+    ("lens_core.text_encoder", "LensGptOssEncoder"): ("transformers", "LensGptOssEncoder"),
+    ("lens_core.transformer_lens", "LensTransformer2DModel"): ("diffusers", "LensTransformer2DModel"),
+    ("transformers", "TokenizersBackend"): ("transformers", "PreTrainedTokenizerFast"),
+}
 
 
 @dataclass
 class LensPipelineOutput(BaseOutput):
     """`images`: a list of PIL images, an array [B, H, W, 3] in 0..1, a tensor [B, 3, H, W] in 0..1, or packed latents
-    [B, h*w, 128] for `output_type="latent"`."""
+    [B, h*w, in_channels] for `output_type="latent"`."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
@@ -63,6 +80,11 @@ def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: fl
     return combined * ratio
 
 
+def is_empty_text(text: str) -> bool:
+    """A negative prompt of nothing but whitespace counts as empty, as in the official pipeline."""
+    return not text.strip()
+
+
 def pad_features(features: PromptFeatures, length: int) -> PromptFeatures:
     """Right-pad features with zeros and the mask with False up to `length` tokens."""
     extra = length - features.mask.shape[1]
@@ -84,11 +106,22 @@ def _as_list(value, name: str) -> list[str]:
 class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
     """Lens text-to-image: GPT-OSS features -> `LensTransformer2DModel` flow matching -> FLUX.2 VAE.
 
-    Load with `LensPipeline.from_pretrained(repo_id_or_folder, torch_dtype=...)`.
+    Load with `LensPipeline.from_pretrained(repo_id_or_folder, torch_dtype=...)`; `save_pretrained(folder)` writes the
+    official layout back (model_index.json with the official class names, MXFP4 text encoder).
+
+    Settings (attributes; the defaults are ours, see the README for the official behaviour): `prompt_date`
+    (YYYY-MM-DD in the preamble), `prompt_truncation` ("prompt" or "text"), `strip_control_markers`,
+    `keep_latents_float32`, `variant_preset` (default steps and guidance), `text_feature_cache`.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = [
+        "latents",
+        "prompt_embeds",
+        "prompt_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_mask",
+    ]
 
     def __init__(self, scheduler, text_encoder, tokenizer, transformer, vae):
         super().__init__()
@@ -97,25 +130,92 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         )
         self.variant_preset: VariantPreset = VARIANTS["Lens"]
         self.prompt_date = DEFAULT_PROMPT_DATE
+        self.prompt_truncation = DEFAULT_PROMPT_TRUNCATION
+        self.strip_control_markers = True
+        self.keep_latents_float32 = True
         self.text_feature_cache = None  # optional: lens_core.text_cache.TextFeatureCache
         self._interrupt = False
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
+        self.check_components()
+
+    def register_modules(self, **kwargs) -> None:
+        """diffusers' registration, with the official entries in the config (and so in the saved model_index.json):
+        ("transformers", "LensGptOssEncoder"), ("diffusers", "LensTransformer2DModel"),
+        ("transformers", "PreTrainedTokenizerFast")."""
+        super().register_modules(**kwargs)
+        for name, module in kwargs.items():
+            if module is not None:
+                entry = _fetch_class_library_tuple(module)
+                if entry in OFFICIAL_INDEX_ENTRIES:
+                    self.register_to_config(**{name: OFFICIAL_INDEX_ENTRIES[entry]})
+
+    def check_components(self) -> None:
+        """Raise a ValueError when the components do not fit together (latent channels, patch, text layers)."""
+        if self.vae is not None and self.transformer is not None:
+            LatentLayout.from_vae(self.vae).check_transformer(self.transformer.config)
+        if self.text_encoder is not None and self.transformer is not None:
+            encoder_layers = tuple(getattr(self.text_encoder, "selected_layers", self.selected_layers))
+            hidden = int(getattr(self.text_encoder.config, "hidden_size", self.text_hidden_dim))
+            if encoder_layers != self.selected_layers or hidden != self.text_hidden_dim:
+                raise ValueError(
+                    f"The text encoder gives layers {list(encoder_layers)} of width {hidden}; the denoiser expects "
+                    f"layers {list(self.selected_layers)} (selected_layer_index) of width {self.text_hidden_dim}."
+                )
 
     # -------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading and saving
     # -------------------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> LensPipeline:
         """Load from a Hub repo id (with mirror fallbacks) or a local folder in the official diffusers layout.
 
-        Keyword arguments: `torch_dtype` (official weights are float32; they are cast), `transformer_file` (a
-        Comfy-Org single-file denoiser used instead of the folder's `transformer/`), `local_files_only`,
-        `variant_name` (which presets apply; guessed from the repo id), `memory_mode` and `device` (see
-        `lens_core.memory.apply_memory_mode`).
+        diffusers' keywords: `torch_dtype` / `dtype` (one dtype, or a dict per component with a "default"; the
+        official weights are float32 and are cast), `variant`, `revision`, `cache_dir`, `token`, `force_download`,
+        `local_files_only`, `use_safetensors`, `low_cpu_mem_usage`, `device_map` (one device, or a dict per
+        component) and components passed in (`transformer=...`). Ours: `transformer_file` (a Comfy-Org single-file
+        denoiser instead of `transformer/`), `variant_name` (whose presets apply; guessed from the repo id),
+        `prompt_date`, `memory_mode` and `device` (see `lens_core.memory.apply_memory_mode`). Anything else is
+        refused with the reason (`lens_core.loading.load_pipeline`).
         """
         from .loading import load_pipeline
 
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """Write the official folder layout: model_index.json (`LensPipeline`, official class and library names) and
+        one folder per component, the text encoder with its MXFP4 expert bytes. The folder appears complete or not
+        at all: it is built beside the target and moved into place."""
+        if push_to_hub or not safe_serialization or kwargs:
+            raise ValueError(
+                "LensPipeline.save_pretrained writes safetensors to a folder: push_to_hub=True, "
+                f"safe_serialization=False and other keywords {sorted(kwargs)} are not supported (upload the saved "
+                "folder with huggingface_hub.upload_folder)."
+            )
+        missing = [
+            name
+            for name in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+            if getattr(self, name) is None
+        ]
+        if missing:
+            raise ValueError(f"Cannot save a Lens pipeline without its {missing} (was it freed for training?).")
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save_pretrained(staging, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
+            _replace_folder(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------------------------------
     # Properties
@@ -124,6 +224,19 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
     @property
     def interrupt(self) -> bool:
         return self._interrupt
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the unconditional pass runs: at every guidance scale except exactly 1."""
+        return not guidance_is_identity(self._guidance_scale)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
 
     @property
     def selected_layers(self) -> tuple[int, ...]:
@@ -137,9 +250,30 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
     def transformer_dtype(self) -> torch.dtype:
         return self.transformer.time_text_embed.timestep_embedder.linear_1.weight.dtype
 
+    @property
+    def latent_layout(self) -> LatentLayout:
+        """VAE channels, patch and downsampling, from the VAE's config."""
+        return LatentLayout.from_vae(self.vae)
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Image pixels per token side (16 for Lens); height and width must be multiples of it."""
+        return self.latent_layout.pixels_per_token
+
     # -------------------------------------------------------------------------------------------------------------
     # Text
     # -------------------------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: list[str], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> TokenizedPrompts:
+        """Rendered and tokenized prompts, with this pipeline's date, truncation and marker settings."""
+        return tokenize_prompts(
+            self.tokenizer,
+            texts,
+            self.prompt_date,
+            max_sequence_length,
+            truncation=self.prompt_truncation,
+            strip_control_markers=self.strip_control_markers,
+        )
 
     @torch.no_grad()
     def _encode_texts(self, texts: list[str], max_sequence_length: int, device) -> PromptFeatures:
@@ -150,7 +284,9 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
 
     @torch.no_grad()
     def _run_text_encoder(self, texts: list[str], max_sequence_length: int, device) -> PromptFeatures:
-        tokens = tokenize_prompts(self.tokenizer, texts, self.prompt_date, max_sequence_length)
+        if self.text_encoder is None:
+            raise ValueError("This pipeline has no text encoder (freed?): pass prompt_embeds and prompt_mask instead.")
+        tokens = self.tokenize(texts, max_sequence_length)
         encoder_device = self.text_encoder.device if hasattr(self.text_encoder, "device") else device
         layers = self.text_encoder(
             tokens.input_ids.to(encoder_device), attention_mask=tokens.attention_mask.to(encoder_device)
@@ -170,36 +306,52 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         do_classifier_free_guidance: bool = True,
         prompt_embeds: list[torch.Tensor] | None = None,
         prompt_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_mask: torch.Tensor | None = None,
     ):
         """Text features for the prompts and the negatives.
 
         Returns (prompt_embeds: list of [B*n, S, hidden], prompt_mask [B*n, S] bool, negative_prompt_embeds,
-        negative_prompt_mask); the negatives are None when `do_classifier_free_guidance` is False. Every negative
-        empty -> all-zero features of the positive's shape with an all-False mask (no text keys at all).
+        negative_prompt_mask); the negatives are None when `do_classifier_free_guidance` is False. When every
+        negative is empty or whitespace: all-zero features of the positive's shape with an all-False mask (no text
+        keys at all). Otherwise positive and negative are right-padded to one length.
         """
         device = device or self._execution_device
         if prompt_embeds is None:
-            prompts = _as_list(prompt, "prompt")
-            positive = self._encode_texts(prompts, max_sequence_length, device)
+            positive = self._encode_texts(_as_list(prompt, "prompt"), max_sequence_length, device)
         else:
             self._check_embeds(prompt_embeds, prompt_mask, "prompt_embeds")
-            positive = PromptFeatures(list(prompt_embeds), self._default_mask(prompt_embeds, prompt_mask))
+            positive = PromptFeatures(
+                [t.to(device) for t in prompt_embeds], self._default_mask(prompt_embeds, prompt_mask).to(device)
+            )
         positive = self._repeat(positive, num_images_per_prompt)
         if not do_classifier_free_guidance:
             return positive.embeds, positive.mask, None, None
 
         batch = positive.mask.shape[0] // num_images_per_prompt
-        negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * batch
-        if len(negatives) != batch:
-            raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts; give one or {batch}.")
-        if all(text == "" for text in negatives):
-            negative = PromptFeatures([torch.zeros_like(t) for t in positive.embeds], torch.zeros_like(positive.mask))
+        if negative_prompt_embeds is not None:
+            self._check_embeds(negative_prompt_embeds, negative_prompt_mask, "negative_prompt_embeds")
+            mask = self._default_mask(negative_prompt_embeds, negative_prompt_mask)
+            negative = PromptFeatures([t.to(device) for t in negative_prompt_embeds], mask.to(device))
+            if negative.mask.shape[0] != batch:
+                raise ValueError(
+                    f"negative_prompt_embeds has batch {negative.mask.shape[0]}, the prompts have {batch}."
+                )
+            negative = self._repeat(negative, num_images_per_prompt)
         else:
+            negatives = _as_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * batch
+            if len(negatives) != batch:
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but there are {batch} prompts; give one or {batch}."
+                )
+            if all(is_empty_text(text) for text in negatives):
+                zeros = [torch.zeros_like(t) for t in positive.embeds]
+                return positive.embeds, positive.mask, zeros, torch.zeros_like(positive.mask)
             negative = self._repeat(self._encode_texts(negatives, max_sequence_length, device), num_images_per_prompt)
-            length = max(positive.mask.shape[1], negative.mask.shape[1])
-            positive, negative = pad_features(positive, length), pad_features(negative, length)
+        length = max(positive.mask.shape[1], negative.mask.shape[1])
+        positive, negative = pad_features(positive, length), pad_features(negative, length)
         return positive.embeds, positive.mask, negative.embeds, negative.mask
 
     @staticmethod
@@ -221,11 +373,20 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         layers, width = len(self.selected_layers), self.text_hidden_dim
         if not isinstance(embeds, (list, tuple)) or len(embeds) != layers:
             count = len(embeds) if isinstance(embeds, (list, tuple)) else type(embeds).__name__
-            raise ValueError(f"{name} must be a list of {layers} tensors (one per encoder layer {list(self.selected_layers)}), got {count}.")
+            raise ValueError(
+                f"{name} must be a list of {layers} tensors (one per encoder layer {list(self.selected_layers)}), got {count}."
+            )
         shape = embeds[0].shape
         for tensor in embeds:
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[-1] != width or tensor.shape != shape:
-                raise ValueError(f"each tensor of {name} must be [B, S, {width}] with one shared shape, got {[tuple(getattr(t, 'shape', ())) for t in embeds]}.")
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or tensor.ndim != 3
+                or tensor.shape[-1] != width
+                or tensor.shape != shape
+            ):
+                raise ValueError(
+                    f"each tensor of {name} must be [B, S, {width}] with one shared shape, got {[tuple(getattr(t, 'shape', ())) for t in embeds]}."
+                )
         if mask is not None and tuple(mask.shape) != tuple(shape[:2]):
             raise ValueError(f"the mask for {name} must be [B, S] = {tuple(shape[:2])}, got {tuple(mask.shape)}.")
 
@@ -233,8 +394,18 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
     # Checks and preparation
     # -------------------------------------------------------------------------------------------------------------
 
-    def check_inputs(self, prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-                     num_images_per_prompt, output_type, max_sequence_length) -> None:
+    def check_inputs(
+        self,
+        prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        output_type,
+        max_sequence_length,
+        callback_on_step_end_tensor_inputs=None,
+    ) -> None:
         """Reject bad arguments with a message naming the value and what is allowed (nothing is corrected)."""
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give either `prompt` or `prompt_embeds` (with `prompt_mask`); both are missing.")
@@ -242,9 +413,18 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
             raise ValueError("Give either `prompt` or `prompt_embeds`, not both.")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -252,23 +432,44 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
             raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}.")
         if negative_prompt_embeds is not None:
             self._check_embeds(negative_prompt_embeds, None, "negative_prompt_embeds")
+        unknown = [
+            name for name in callback_on_step_end_tensor_inputs or () if name not in self._callback_tensor_inputs
+        ]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from {self._callback_tensor_inputs}."
+            )
 
-    def prepare_latents(self, batch_size: int, height: int, width: int, generator, latents, device) -> torch.Tensor:
-        """Standard normal noise drawn directly in token layout [B, h*w, 128], float32."""
-        shape = (batch_size, (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN), PACKED_CHANNELS)
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator, latents, device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Standard normal noise drawn directly in token layout [B, h*w, in_channels], in `dtype` (float32)."""
+        pixels = self.pixels_per_token
+        shape = (batch_size, (height // pixels) * (width // pixels), int(self.transformer.config.in_channels))
         if latents is not None:
             if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must be packed tokens of shape {shape} for {width}x{height}, got {tuple(latents.shape)}.")
-            return latents.to(device=device, dtype=torch.float32)
+                raise ValueError(
+                    f"latents must be packed tokens of shape {shape} for {width}x{height}, got {tuple(latents.shape)}."
+                )
+            return latents.to(device=device, dtype=dtype)
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images; give one or {batch_size}.")
-        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+            raise ValueError(
+                f"Got {len(generator)} generators for a batch of {batch_size} images; give one or {batch_size}."
+            )
+        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
 
     def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int, device) -> torch.Tensor:
         """Shifted sigmas from linspace(1, 1/N, N) with the exponential time shift at mu(L, N); a final 0 appended."""
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=np.float32)
         mu = compute_mu(image_seq_len, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas.tolist(), mu=mu, device=device)
+        if not torch.isfinite(self.scheduler.timesteps).all():
+            # mu falls linearly with the step count: past tens of thousands of steps exp(mu) underflows to 0 and the
+            # first shifted sigma is 0 / 0. Say so instead of failing inside the scheduler.
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} gives no usable schedule at {image_seq_len} image tokens "
+                f"(shift mu = {mu:.1f}); use fewer steps (Lens-Base's default is 50)."
+            )
         return self.scheduler.timesteps
 
     # -------------------------------------------------------------------------------------------------------------
@@ -295,46 +496,77 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         negative_prompt_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     ):
         """Generate images. Missing steps / guidance come from the loaded variant's presets (Lens 20 / 5.0,
         Lens-Turbo 4 / 1.0, Lens-Base 50 / 5.0); the size from `height`/`width` or `base_resolution`/`aspect_ratio`
-        (default 1024, 1:1). At guidance <= 1 the unconditional pass is skipped (it would not change the result).
+        (default 1024, 1:1). Guidance combines and rescales at every scale, as the official pipeline does, except at
+        exactly 1, where the combination is the conditional prediction and the unconditional pass is skipped.
 
-        `callback_on_step_end(pipe, step, timestep, {"latents": latents})` runs after every step; it may return
-        {"latents": ...} to replace them, and may set `pipe._interrupt = True` to stop early."""
+        `callback_on_step_end(pipe, step, timestep, tensors)` runs after every step with the tensors named in
+        `callback_on_step_end_tensor_inputs` (default ["latents"]; any of `_callback_tensor_inputs`); it may return
+        some of them to replace them, and may set `pipe._interrupt = True` to stop early."""
         # 1. Check inputs.
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = (
+            ["latents"] if callback_on_step_end_tensor_inputs is None else list(callback_on_step_end_tensor_inputs)
+        )
         steps = self.variant_preset.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.variant_preset.guidance_scale if guidance_scale is None else guidance_scale
-        self.check_inputs(prompt, prompt_embeds, negative_prompt_embeds, steps, guidance, num_images_per_prompt,
-                          output_type, max_sequence_length)
-        height, width = resolve_size(height, width, base_resolution, aspect_ratio)
-        height_tokens, width_tokens = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
-        device = self._execution_device
-        do_cfg = guidance > 1.0
-        self._interrupt = False
-
-        # 2. Encode the prompt (or take the given features).
-        embeds, mask, negative_embeds, negative_mask = self._prompt_features(
-            prompt, negative_prompt, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask,
-            num_images_per_prompt, max_sequence_length, device, do_cfg,
+        self.check_inputs(
+            prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            steps,
+            guidance,
+            num_images_per_prompt,
+            output_type,
+            max_sequence_length,
+            tensor_inputs,
         )
-        batch_size = mask.shape[0]
-        if do_cfg:  # one pass over [positive; negative]
-            embeds = [torch.cat([p, n]) for p, n in zip(embeds, negative_embeds)]
-            mask = torch.cat([mask, negative_mask])
-        dtype = self.transformer_dtype
-        embeds = [t.to(device=device, dtype=dtype) for t in embeds]
-        mask = mask.to(device)
+        height, width = resolve_size(height, width, base_resolution, aspect_ratio, multiple=self.pixels_per_token)
+        height_tokens, width_tokens = height // self.pixels_per_token, width // self.pixels_per_token
+        device = self._execution_device
+        self._guidance_scale, self._interrupt = guidance, False
+        do_cfg = self.do_classifier_free_guidance
 
-        # 3. Latents, float32 tokens. [B, h*w, 128]
-        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+        # 2. Encode the prompt (or take the given features), in the model dtype on the device.
+        dtype = self.transformer_dtype
+        features = self.encode_prompt(
+            prompt,
+            negative_prompt,
+            num_images_per_prompt,
+            max_sequence_length,
+            device,
+            do_cfg,
+            prompt_embeds,
+            prompt_mask,
+            negative_prompt_embeds,
+            negative_prompt_mask,
+        )
+        text = {
+            name: None
+            if value is None
+            else ([t.to(device=device, dtype=dtype) for t in value] if isinstance(value, list) else value.to(device))
+            for name, value in zip(
+                ("prompt_embeds", "prompt_mask", "negative_prompt_embeds", "negative_prompt_mask"), features
+            )
+        }
+        batch_size = text["prompt_mask"].shape[0]
+
+        # 3. Latents, float32 tokens (or the model dtype with keep_latents_float32 = False). [B, h*w, in_channels]
+        latents_dtype = torch.float32 if self.keep_latents_float32 else dtype
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device, latents_dtype)
 
         # 4. Timesteps.
         timesteps = self.prepare_timesteps(steps, height_tokens * width_tokens, device)
+        self._num_timesteps = len(timesteps)
 
         # 5. Denoise.
+        embeds, mask = self._model_text_inputs(text, do_cfg)
         img_shapes = [(1, height_tokens, width_tokens)] * mask.shape[0]
         with self.progress_bar(total=len(timesteps)) as progress:
             for step, t in enumerate(timesteps):
@@ -354,10 +586,15 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
                 if do_cfg:
                     cond, uncond = velocity.chunk(2)
                     velocity = guided_velocity(cond, uncond, guidance)
-                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]  # float32 Euler
+                # Euler step, computed in float32 by the scheduler, returned in the velocity's dtype.
+                latents = self.scheduler.step(velocity.to(latents_dtype), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, step, t, {"latents": latents}) or {}
+                    tensors = {"latents": latents, **text}
+                    outputs = callback_on_step_end(self, step, t, {name: tensors[name] for name in tensor_inputs}) or {}
                     latents = outputs.pop("latents", latents)
+                    if any(name in outputs for name in text):
+                        text.update({name: outputs[name] for name in text if name in outputs})
+                        embeds, mask = self._model_text_inputs(text, do_cfg)
                 progress.update()
 
         # 6. Decode.
@@ -367,26 +604,13 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
             return (images,)
         return LensPipelineOutput(images=images)
 
-    def _prompt_features(self, prompt, negative_prompt, prompt_embeds, prompt_mask, negative_prompt_embeds,
-                         negative_prompt_mask, num_images_per_prompt, max_sequence_length, device, do_cfg):
-        if not do_cfg or negative_prompt_embeds is None:
-            return self.encode_prompt(
-                prompt, negative_prompt, num_images_per_prompt, max_sequence_length, device, do_cfg,
-                prompt_embeds, prompt_mask,
-            )
-        embeds, mask, _, _ = self.encode_prompt(
-            prompt, "", num_images_per_prompt, max_sequence_length, device, False, prompt_embeds, prompt_mask
-        )
-        negative = self._repeat(
-            PromptFeatures(list(negative_prompt_embeds), self._default_mask(negative_prompt_embeds, negative_prompt_mask)),
-            num_images_per_prompt,
-        )
-        if negative.mask.shape[0] != mask.shape[0]:
-            raise ValueError(f"negative_prompt_embeds has batch {negative.mask.shape[0] // num_images_per_prompt}, prompts have {mask.shape[0] // num_images_per_prompt}.")
-        length = max(mask.shape[1], negative.mask.shape[1])
-        positive = pad_features(PromptFeatures(embeds, mask), length)
-        negative = pad_features(PromptFeatures([t.to(device) for t in negative.embeds], negative.mask.to(device)), length)
-        return positive.embeds, positive.mask, negative.embeds, negative.mask
+    @staticmethod
+    def _model_text_inputs(text: dict, do_cfg: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The denoiser's text inputs: the positive features, or one batch [positive; negative] with guidance."""
+        if not do_cfg:
+            return text["prompt_embeds"], text["prompt_mask"]
+        embeds = [torch.cat([p, n]) for p, n in zip(text["prompt_embeds"], text["negative_prompt_embeds"])]
+        return embeds, torch.cat([text["prompt_mask"], text["negative_prompt_mask"]])
 
     def _postprocess(self, latents: torch.Tensor, height_tokens: int, width_tokens: int, output_type: str):
         if output_type == "latent":
@@ -399,6 +623,20 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         # The official PIL path truncates (x + 1) * 127.5 to uint8.
         pixels = ((images.float() + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [PIL.Image.fromarray(array) for array in pixels]
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Move a complete `staging` folder to `target`; an existing `target` is swapped out first and removed after."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    if not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder; choose another save_directory.")
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    retired.rmdir()
+    target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 __all__ = ["LensPipeline", "LensPipelineOutput", "FlowMatchEulerDiscreteScheduler", "guided_velocity"]

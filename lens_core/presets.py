@@ -14,11 +14,23 @@ DEFAULT_PROMPT_DATE = "2026-05-23"
 # Upstream truncates the whole rendered text (preamble included) to this many tokens.
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
+# How a too-long prompt is cut: "prompt" (ours) shortens the prompt only and always keeps the template's closing
+# tokens; "text" cuts the whole rendered text at max_sequence_length, as upstream does (losing those tokens).
+PROMPT_TRUNCATIONS = ("prompt", "text")
+DEFAULT_PROMPT_TRUNCATION = "prompt"
+
+# GPT-OSS-20B decoder layers whose outputs are the text features (the denoiser config's `selected_layer_index`).
+TEXT_FEATURE_LAYERS = (5, 11, 17, 23)
+
 # The model name that means "build (once) and use the tiny random checkpoint" (offline demos and tests).
 TINY_MODEL = "tiny"
 
 # Pixels per image token: VAE downsampling 8 x transformer patch 2.
 PIXELS_PER_TOKEN = 16
+# The largest image the engine generates (pixels): a little above Lens's 1440 area, where it still generalises.
+MAX_IMAGE_PIXELS = 1536 * 1536
+# The most sampler steps the engine and the trainer's samples run (Lens-Base's default is 50).
+MAX_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ VARIANTS: dict[str, VariantPreset] = {
     ),
     "Lens-Turbo": VariantPreset(
         name="Lens-Turbo",
-        description="distilled to 4 steps; guidance is baked in, so guidance and negative prompt have no effect",
+        description="distilled to 4 steps; guidance is baked in: at its guidance 1, guidance and negative prompt have no effect",
         num_inference_steps=4,
         guidance_scale=1.0,
         repo_ids=("microsoft/Lens-Turbo", "YuCollection/Lens-Turbo-Diffusers"),
@@ -145,10 +157,12 @@ def resolve_size(
     width: int | None = None,
     base_resolution: int | None = None,
     aspect_ratio: str | None = None,
+    multiple: int = PIXELS_PER_TOKEN,
 ) -> tuple[int, int]:
     """Return (height, width) from explicit sizes or from a (base resolution, aspect ratio) preset.
 
-    Explicit `height`/`width` win; a missing one is taken from the preset. Sizes must be positive multiples of 16.
+    Explicit `height`/`width` win; a missing one is taken from the preset. Sizes must be positive multiples of
+    `multiple`, the model's pixels per token (16 for Lens: VAE downsampling 8 x patch 2).
     """
     if (height is None or width is None) or base_resolution is not None or aspect_ratio is not None:
         base = DEFAULT_BASE_RESOLUTION if base_resolution is None else base_resolution
@@ -161,10 +175,10 @@ def resolve_size(
         height = preset_height if height is None else height
         width = preset_width if width is None else width
     for label, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % PIXELS_PER_TOKEN:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
             raise ValueError(
-                f"{label} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {value!r} "
-                f"(the VAE downsamples by 8 and the transformer patches 2x2)."
+                f"{label} must be a positive multiple of {multiple} pixels, got {value!r} "
+                f"(the pixels one token covers: VAE downsampling x transformer patch)."
             )
     return height, width
 
@@ -185,3 +199,10 @@ def compute_mu(image_seq_len: int, num_inference_steps: int) -> float:
         return float(m200)
     m10 = MU_SLOPE_10_STEPS * image_seq_len + MU_INTERCEPT_10_STEPS
     return float(m200 + (m200 - m10) / 190.0 * (num_inference_steps - 200))
+
+
+def guidance_is_identity(guidance_scale: float) -> bool:
+    """True when guidance cannot change the result, so the unconditional pass can be skipped: only at exactly 1,
+    where uncond + 1 * (cond - uncond) = cond and the norm rescale is then a no-op. Below 1 the official pipeline
+    still combines and rescales (at 0 the result is the unconditional velocity at the conditional norm)."""
+    return guidance_scale == 1

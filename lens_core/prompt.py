@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .presets import DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_PROMPT_DATE
+from .presets import DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_PROMPT_DATE, DEFAULT_PROMPT_TRUNCATION, PROMPT_TRUNCATIONS
 
 PREFIX_TEMPLATE = (
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -44,16 +44,18 @@ def render_prefix(date: str = DEFAULT_PROMPT_DATE) -> str:
     return PREFIX_TEMPLATE.format(date=date)
 
 
-def clean_prompt(prompt: str) -> str:
-    """Remove harmony control markers from user text (the only change made to a prompt)."""
+def clean_prompt(prompt: str, strip_control_markers: bool = True) -> str:
+    """Remove harmony control markers from user text (the only change made to a prompt). With
+    `strip_control_markers=False` the text is kept as it is, as upstream does (a prompt can then forge template
+    blocks)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}.")
-    return CONTROL_MARKER.sub("", prompt)
+    return CONTROL_MARKER.sub("", prompt) if strip_control_markers else prompt
 
 
-def render_prompt(prompt: str, date: str = DEFAULT_PROMPT_DATE) -> str:
+def render_prompt(prompt: str, date: str = DEFAULT_PROMPT_DATE, strip_control_markers: bool = True) -> str:
     """The full text the encoder reads: PREFIX + cleaned prompt + SUFFIX."""
-    return render_prefix(date) + clean_prompt(prompt) + SUFFIX
+    return render_prefix(date) + clean_prompt(prompt, strip_control_markers) + SUFFIX
 
 
 @dataclass
@@ -89,27 +91,39 @@ def tokenize_prompts(
     prompts: list[str],
     date: str = DEFAULT_PROMPT_DATE,
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    truncation: str = DEFAULT_PROMPT_TRUNCATION,
+    strip_control_markers: bool = True,
 ) -> TokenizedPrompts:
-    """Tokenize PREFIX + prompt + SUFFIX for each prompt, truncating only the prompt so SUFFIX is always kept.
+    """Tokenize PREFIX + prompt + SUFFIX for each prompt, at most `max_sequence_length` tokens per row.
 
+    `truncation="prompt"` (ours) cuts only the prompt, so SUFFIX (the template's end) is always kept;
+    `truncation="text"` cuts the whole rendered text, as upstream does (a long prompt then loses SUFFIX).
     Every control marker is an added special token, so the three segments tokenize independently: ids of the
     concatenation equal the concatenation of ids, which is what upstream gets from tokenizing the whole string.
     """
+    if truncation not in PROMPT_TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {PROMPT_TRUNCATIONS}, got {truncation!r}.")
     prefix_ids = _encode(tokenizer, render_prefix(date))
     suffix_ids = _encode(tokenizer, SUFFIX)
-    budget = max_sequence_length - len(prefix_ids) - len(suffix_ids)
-    if budget < 1:
+    fixed = len(prefix_ids) + (len(suffix_ids) if truncation == "prompt" else 0)
+    if max_sequence_length - fixed < 1:
         raise ValueError(
-            f"max_sequence_length={max_sequence_length} leaves no room for the prompt: the fixed preamble and "
-            f"suffix take {len(prefix_ids) + len(suffix_ids)} tokens; use at least {len(prefix_ids) + len(suffix_ids) + 1}."
+            f"max_sequence_length={max_sequence_length} leaves no room for the prompt: the fixed preamble"
+            f"{' and suffix take' if truncation == 'prompt' else ' takes'} {fixed} tokens; use at least {fixed + 1}."
         )
     pad_id = pad_token_id(tokenizer)
 
     rows, truncated = [], []
     for prompt in prompts:
-        prompt_ids = _encode(tokenizer, clean_prompt(prompt))
-        truncated.append(len(prompt_ids) > budget)
-        rows.append(prefix_ids + prompt_ids[:budget] + suffix_ids)
+        prompt_ids = _encode(tokenizer, clean_prompt(prompt, strip_control_markers))
+        if truncation == "prompt":
+            budget = max_sequence_length - fixed
+            truncated.append(len(prompt_ids) > budget)
+            rows.append(prefix_ids + prompt_ids[:budget] + suffix_ids)
+        else:
+            row = prefix_ids + prompt_ids + suffix_ids
+            truncated.append(len(row) > max_sequence_length)
+            rows.append(row[:max_sequence_length])
     length = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # [B, S]
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # [B, S]

@@ -79,9 +79,9 @@ class TextFeatureCache:
 
     @staticmethod
     def key(pipe, text: str, max_sequence_length: int) -> str:
-        """sha256 of the rendered text, the encoder identity and the sequence budget."""
-        rendered = render_prompt(text, pipe.prompt_date)
-        payload = f"{encoder_identity(pipe)}\n{max_sequence_length}\n{rendered}"
+        """sha256 of the rendered text, the encoder identity, the sequence budget and how it truncates."""
+        rendered = render_prompt(text, pipe.prompt_date, pipe.strip_control_markers)
+        payload = f"{encoder_identity(pipe)}\n{max_sequence_length}\n{pipe.prompt_truncation}\n{rendered}"
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def encode(self, pipe, texts: list[str], max_sequence_length: int, device):

@@ -1,10 +1,12 @@
 """A tiny random Lens in the exact official folder layout, for tests and offline demos.
 
-    python -m lens_core.tiny OUT_DIR [--seed 0]
+    python -m lens_core.tiny OUT_DIR [--seed 0] [--latent-channels 32] [--patch-size 2]
 
 Every component is its real class at toy size: a 6-layer GPT-OSS with MXFP4 experts (random bytes, as the real format
 stores them), a byte-level BPE tokenizer with the harmony control tokens, a 2-block `LensTransformer2DModel` saved as
 float32 shards with an index, a FLUX.2 VAE whose downsampling is still 8, and the official scheduler config.
+`--latent-channels` / `--patch-size` build a model with other channel counts (e.g. a 4-channel VAE): the transformer's
+`in_channels` / `out_channels` follow, as every shape in lens_core is read from the configs.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .prompt import SUFFIX, render_prefix
-from .text_encoder import GPT_OSS_ROPE_PARAMETERS
+from .safetensors_io import save_sharded
+from .text_encoder import GPT_OSS_ROPE_PARAMETERS, MXFP4_QUANTIZATION_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -123,20 +125,11 @@ def build_tiny_tokenizer(folder: Path):
     return fast
 
 
-def _save_shards(state: dict[str, torch.Tensor], folder: Path, stem: str, index_name: str, num_shards: int) -> None:
-    """Save a state dict as `num_shards` safetensors files plus a weight-map index, as the official checkpoints are."""
-    names = list(state)
-    per_shard = -(-len(names) // num_shards)
-    weight_map, total = {}, 0
-    for shard in range(num_shards):
-        file_name = f"{stem}-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {name: state[name].contiguous() for name in names[shard * per_shard : (shard + 1) * per_shard]}
-        save_file(part, str(folder / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file_name))
-        total += sum(t.numel() * t.element_size() for t in part.values())
-    (folder / index_name).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+def _save_shards(state: dict[str, torch.Tensor], folder: Path, num_shards: int) -> None:
+    """Save a state dict as about `num_shards` safetensors shards plus an index, as the official checkpoints are."""
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    entries = [(name, t.numel() * t.element_size(), lambda t=t: t) for name, t in state.items()]
+    save_sharded(folder, entries, "model.safetensors", max_shard_bytes=total // num_shards + 1)
 
 
 def build_tiny_text_encoder(folder: Path, vocab_size: int, pad_token_id: int, generator: torch.Generator) -> None:
@@ -187,47 +180,54 @@ def build_tiny_text_encoder(folder: Path, vocab_size: int, pad_token_id: int, ge
             121, 125, (experts, hidden, inter // 32), generator=generator, dtype=torch.uint8
         )
     folder.mkdir(parents=True, exist_ok=True)
-    _save_shards(dict(sorted(state.items())), folder, "model", "model.safetensors.index.json", num_shards=3)
+    _save_shards(dict(sorted(state.items())), folder, num_shards=3)
     config_dict = config.to_dict()
     config_dict["architectures"] = ["GptOssForCausalLM"]
-    config_dict["quantization_config"] = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-    }
+    config_dict["quantization_config"] = dict(MXFP4_QUANTIZATION_CONFIG)
+    # Which layers give the features (the real model's default, 5/11/17/23, does not exist in 6 layers): lets the
+    # encoder load on its own, e.g. through diffusers' DiffusionPipeline.from_pretrained.
+    config_dict["lens_selected_layers"] = list(TINY_SELECTED_LAYERS)
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
     (folder / "generation_config.json").write_text(
         json.dumps({"eos_token_id": pad_token_id, "pad_token_id": pad_token_id})
     )
 
 
-def build_tiny_vae(folder: Path, generator: torch.Generator) -> None:
+def build_tiny_vae(folder: Path, generator: torch.Generator, latent_channels: int = 32, patch_size: int = 2) -> None:
     """A FLUX.2 VAE with 4 blocks (downsampling 8) of 16 channels and random batch-norm statistics."""
     from diffusers import AutoencoderKLFlux2
 
     vae = AutoencoderKLFlux2(
-        block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=32, sample_size=64
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=latent_channels,
+        patch_size=(patch_size, patch_size),
+        sample_size=64,
     )
     vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.running_mean.shape, generator=generator))
     vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=generator))
     vae.save_pretrained(str(folder))
 
 
-def build_tiny_transformer(folder: Path) -> None:
+def tiny_transformer_config(latent_channels: int = 32, patch_size: int = 2) -> dict:
+    """TINY_TRANSFORMER_CONFIG for a VAE with `latent_channels` channels packed in `patch_size` patches."""
+    packed = latent_channels * patch_size**2
+    return {**TINY_TRANSFORMER_CONFIG, "in_channels": packed, "out_channels": latent_channels, "patch_size": patch_size}
+
+
+def build_tiny_transformer(folder: Path, latent_channels: int = 32, patch_size: int = 2) -> None:
     """A 2-block, 2-head Lens denoiser, float32, saved in two shards with an index like the official one."""
     from .transformer_lens import LensTransformer2DModel
 
-    model = LensTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    model = LensTransformer2DModel(**tiny_transformer_config(latent_channels, patch_size))
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(str(folder), max_shard_size=total_bytes // 2 + 1024)  # two shards + index, like the official
 
 
-def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny Lens in the official diffusers layout to `out_dir` and return its path."""
+def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, latent_channels: int = 32, patch_size: int = 2) -> Path:
+    """Write a random tiny Lens in the official diffusers layout to `out_dir` and return its path. `latent_channels`
+    and `patch_size` set the VAE's latent layout (the denoiser's channels follow; the real model: 32 and 2)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     out = Path(out_dir)
@@ -237,14 +237,14 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer(out / "tokenizer")
         build_tiny_text_encoder(out / "text_encoder", len(tokenizer), tokenizer.pad_token_id, generator)
-        build_tiny_transformer(out / "transformer")
-        build_tiny_vae(out / "vae", generator)
+        build_tiny_transformer(out / "transformer", latent_channels, patch_size)
+        build_tiny_vae(out / "vae", generator, latent_channels, patch_size)
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(str(out / "scheduler"))
     (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return out
 
 
-TINY_FORMAT_VERSION = 1  # bump when the tiny layout changes, so cached copies are rebuilt
+TINY_FORMAT_VERSION = 2  # bump when the tiny layout changes, so cached copies are rebuilt
 
 
 def ensure_tiny_checkpoint(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
@@ -275,9 +275,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lens_core.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the tiny checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights")
+    parser.add_argument("--latent-channels", type=int, default=32, help="VAE latent channels (the real model: 32)")
+    parser.add_argument("--patch-size", type=int, default=2, help="latent cells per token side (the real model: 2)")
     args = parser.parse_args(argv)
+    if args.latent_channels < 1 or args.patch_size < 1:
+        parser.error(f"--latent-channels and --patch-size must be >= 1, got {args.latent_channels}, {args.patch_size}.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = build_tiny_checkpoint(args.out_dir, seed=args.seed)
+    path = build_tiny_checkpoint(args.out_dir, args.seed, args.latent_channels, args.patch_size)
     logger.info("Tiny Lens checkpoint written to %s", path)
 
 

@@ -7,11 +7,14 @@ with no key conversion.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -61,16 +64,42 @@ def lens_rope_positions(height_tokens: int, width_tokens: int, text_length: int,
     return image, text
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+class RopeTables(NamedTuple):
+    """Rotations for one sequence, computed once per forward and shared by every block (all float32).
+
+    `rotations`: [S, head_dim/2] complex64, one unit complex number per adjacent channel pair; `cos`, `sin`:
+    [S, head_dim], each angle repeated for both channels of its pair, `sin` with the sign of the pair's first channel
+    folded in (-sin, +sin), for the real-valued formulation used under `torch.compile`.
+    """
+
+    rotations: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rope_tables(angles: torch.Tensor) -> RopeTables:
+    """Angles [S, head_dim/2] -> the complex and real rotation tables."""
+    angles = angles.to(torch.float32)
+    cos, sin = angles.cos(), angles.sin()  # [S, head_dim/2]
+    rotations = torch.complex(cos, sin)  # [S, head_dim/2]
+    return RopeTables(rotations, cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2))
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) as complex numbers, in float32.
 
-    x: [B, S, heads, head_dim]; cos, sin: [S, head_dim/2].
+    x: [B, S, heads, head_dim]. Eager: one complex multiply (several times faster on CPU than the real-valued
+    pairs, see BENCHMARKS.md). Under `torch.compile`, whose code generator has no complex kernels, the same
+    rotation written as x * cos + swap_pairs(x) * sin, which it fuses. Both equal the spec's rotation to float32
+    rounding (tests/lens_core/test_diffusers_conventions.py).
     """
-    x_pairs = x.to(torch.float32).unflatten(-1, (-1, 2))  # [B, S, heads, head_dim/2, 2]
-    real, imag = x_pairs.unbind(-1)
-    cos = cos[None, :, None, :]  # [1, S, 1, head_dim/2]
-    sin = sin[None, :, None, :]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)  # [B, S, heads, hd/2, 2]
+    x32 = x.to(torch.float32)
+    if torch.compiler.is_compiling():
+        swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+        rotated = x32 * rope.cos[None, :, None, :] + swapped * rope.sin[None, :, None, :]
+        return rotated.to(x.dtype)
+    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)).contiguous())  # [B, S, heads, head_dim/2]
+    rotated = torch.view_as_real(pairs * rope.rotations[None, :, None, :])  # [B, S, heads, head_dim/2, 2]
     return rotated.flatten(-2).to(x.dtype)  # [B, S, heads, head_dim]
 
 
@@ -92,12 +121,87 @@ class LensFeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class LensJointAttention(nn.Module):
-    """Joint attention over image tokens followed by text tokens, with per-stream fused QKV and output projections."""
+# Backends of diffusers' dispatcher that take a tensor `attn_mask` laid out [B, 1, 1, S_keys]. Any other backend
+# (flash, sage, xformers, ...) gets no mask: a batch with padded text is then attended sample by sample over its
+# valid keys only, which is the same result.
+MASKED_ATTENTION_BACKENDS = frozenset(
+    {AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH, AttentionBackendName._NATIVE_EFFICIENT}
+)
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+
+def _active_backend(backend: AttentionBackendName | None) -> AttentionBackendName:
+    """The backend a dispatch with `backend` runs: the processor's own, else diffusers' active one (env / context)."""
+    return backend if backend is not None else _AttentionBackendRegistry.get_active_backend()[0]
+
+
+class LensAttnProcessor:
+    """Lens joint attention on diffusers' attention dispatcher, so `transformer.set_attention_backend("flash")`
+    (or "sage", "_native_math", ...) switches the kernel. The default (native SDPA) computes exactly what the plain
+    `F.scaled_dot_product_attention` call did.
+
+    Per stream: fused QKV -> RMSNorm of q and k over head_dim -> RoPE; the joint sequence is image tokens first, then
+    text; the output is split back and projected per stream.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: LensJointAttention,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        image_rope: RopeTables,
+        text_rope: RopeTables,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B, S_img, D], text [B, S_txt, D]; attention_mask [B, S_img + S_txt] bool (True = key is attended) or
+        None (every key valid). Returns the image and text attention outputs, [B, S_img, D] and [B, S_txt, D]."""
+        img_q, img_k, img_v = attn.project(image, attn.img_qkv, attn.norm_q, attn.norm_k, image_rope)
+        txt_q, txt_k, txt_v = attn.project(text, attn.txt_qkv, attn.norm_added_q, attn.norm_added_k, text_rope)
+        query = torch.cat([img_q, txt_q], dim=1)  # [B, S, heads, head_dim], image first
+        key = torch.cat([img_k, txt_k], dim=1)
+        value = torch.cat([img_v, txt_v], dim=1)
+        out = self._attend(query, key, value, attention_mask)  # [B, S, heads, head_dim]
+        out = out.flatten(2).to(image.dtype)  # [B, S, D]
+        image_length = image.shape[1]
+        return attn.to_out[0](out[:, :image_length]), attn.to_add_out(out[:, image_length:])
+
+    def _attend(self, query, key, value, key_valid: torch.Tensor | None) -> torch.Tensor:
+        backend, parallel = self._attention_backend, self._parallel_config
+        if key_valid is None:
+            return dispatch_attention_fn(query, key, value, backend=backend, parallel_config=parallel)
+        if _active_backend(backend) in MASKED_ATTENTION_BACKENDS:
+            mask = key_valid[:, None, None, :]  # [B, 1, 1, S]: masks keys only, padded text queries still compute
+            return dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend, parallel_config=parallel)
+        outputs = []
+        for index in range(query.shape[0]):
+            valid = key_valid[index]  # [S]
+            outputs.append(
+                dispatch_attention_fn(
+                    query[index : index + 1],
+                    key[index : index + 1, valid],
+                    value[index : index + 1, valid],
+                    backend=backend,
+                    parallel_config=parallel,
+                )
+            )
+        return torch.cat(outputs)
+
+
+class LensJointAttention(nn.Module, AttentionModuleMixin):
+    """Joint attention over image tokens followed by text tokens, with per-stream fused QKV and output projections.
+
+    The computation lives in the processor (`LensAttnProcessor` by default), as in diffusers' attention modules.
+    """
+
+    _default_processor_cls = LensAttnProcessor
+    _available_processors = [LensAttnProcessor]
+    _supports_qkv_fusion = False  # the checkpoint already stores fused QKV projections
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, processor=None):
         super().__init__()
-        self.num_heads = num_heads
+        self.heads = num_heads
         self.head_dim = head_dim
         self.img_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
         self.txt_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
@@ -107,26 +211,17 @@ class LensJointAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=BLOCK_NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(num_heads * head_dim, dim)])
         self.to_add_out = nn.Linear(num_heads * head_dim, dim)
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
 
-    def _qkv(self, x, projection, norm_q, norm_k, cos, sin):
-        qkv = projection(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # [B, S, 3, heads, head_dim]
+    def project(self, x, projection, norm_q, norm_k, rope: RopeTables):
+        """One stream's rotated queries and keys and its values, each [B, S, heads, head_dim]."""
+        qkv = projection(x).unflatten(-1, (3, self.heads, self.head_dim))  # [B, S, 3, heads, head_dim]
         query, key, value = qkv.unbind(dim=2)  # [B, S, heads, head_dim] each
-        query = apply_rope(norm_q(query), cos, sin)
-        key = apply_rope(norm_k(key), cos, sin)
-        return query, key, value
+        return apply_rope(norm_q(query), rope), apply_rope(norm_k(key), rope), value
 
-    def forward(self, image, text, image_rope, text_rope, attention_mask):
-        """image [B, S_img, D], text [B, S_txt, D], rope (cos, sin) pairs, additive mask [B, 1, 1, S_img + S_txt]."""
-        img_q, img_k, img_v = self._qkv(image, self.img_qkv, self.norm_q, self.norm_k, *image_rope)
-        txt_q, txt_k, txt_v = self._qkv(text, self.txt_qkv, self.norm_added_q, self.norm_added_k, *text_rope)
-        # Joint sequence: image first, then text. [B, heads, S, head_dim]
-        query = torch.cat([img_q, txt_q], dim=1).transpose(1, 2)
-        key = torch.cat([img_k, txt_k], dim=1).transpose(1, 2)
-        value = torch.cat([img_v, txt_v], dim=1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # [B, heads, S, hd]
-        out = out.transpose(1, 2).flatten(2).to(image.dtype)  # [B, S, D]
-        image_length = image.shape[1]
-        return self.to_out[0](out[:, :image_length]), self.to_add_out(out[:, image_length:])
+    def forward(self, image, text, image_rope, text_rope, attention_mask=None):
+        """image [B, S_img, D], text [B, S_txt, D], rope tables, key mask [B, S_img + S_txt] bool or None."""
+        return self.processor(self, image, text, image_rope, text_rope, attention_mask)
 
 
 def _modulation(dim: int) -> nn.Sequential:
@@ -214,10 +309,12 @@ def _grid_from_img_shapes(img_shapes, batch_size: int) -> tuple[int, int]:
     return int(height), int(width)
 
 
-class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """The Lens denoiser: a dual-stream MMDiT that predicts the flow velocity of packed FLUX.2 latents.
 
-    The `__init__` arguments are the official `config.json` keys.
+    The `__init__` arguments are the official `config.json` keys. Attention runs through diffusers' dispatcher:
+    `set_attention_backend("flash")` / `("sage")` / `("native")` switch kernels, `attn_processors` and
+    `set_attn_processor` work as on diffusers' own models.
     """
 
     _supports_gradient_checkpointing = True
@@ -265,7 +362,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             [LensTransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_hidden) for _ in range(num_layers)]
         )
         self.norm_out = LensOutputNorm(dim)
-        # Packed latent channels out: 32 VAE channels x 2 x 2 patch = 128.
+        # Packed latent channels out: out_channels VAE channels x patch x patch (32 x 2 x 2 = 128 for the real model).
         self.proj_out = nn.Linear(dim, out_channels * patch_size * patch_size)
         self.gradient_checkpointing = False
 
@@ -297,42 +394,63 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"encoder_hidden_states_mask must be [B, S_txt] = {tuple(shape[:2])}, got {tuple(encoder_hidden_states_mask.shape)}."
             )
 
+    def _key_mask(self, encoder_hidden_states_mask, batch_size: int, image_length: int, text_length: int, device):
+        """Which keys attention may use: image keys always, text keys where the mask is True. [B, S_img + S_txt] bool,
+        or None when every key is valid (then kernels without mask support, like flash, can run as they are)."""
+        if encoder_hidden_states_mask is None:
+            return None
+        text_valid = encoder_hidden_states_mask.to(device=device, dtype=torch.bool)  # [B, S_txt]
+        if bool(text_valid.all()):
+            return None
+        image_valid = torch.ones(batch_size, image_length, dtype=torch.bool, device=device)
+        return torch.cat([image_valid, text_valid], dim=1)
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"hidden_states must be packed image tokens [B, h*w, {self.config.in_channels}] (in_channels), "
+                f"got {tuple(hidden_states.shape)}."
+            )
+        for name, value in (
+            ("encoder_hidden_states", encoder_hidden_states),
+            ("timestep", timestep),
+            ("img_shapes", img_shapes),
+        ):
+            if value is None:
+                raise ValueError(f"{name} is required (only encoder_hidden_states_mask may be None: all text valid).")
+        self._check_text_inputs(encoder_hidden_states, encoder_hidden_states_mask, hidden_states.shape[0])
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: list[torch.Tensor],
-        encoder_hidden_states_mask: torch.Tensor | None,
-        timestep: torch.Tensor,
-        img_shapes,
+        encoder_hidden_states: list[torch.Tensor] | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        img_shapes=None,
         attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ):
         """Predict the velocity.
 
-        hidden_states: packed image tokens [B, h*w, 128]; encoder_hidden_states: 4 tensors [B, S_txt, 2880];
-        encoder_hidden_states_mask: [B, S_txt] bool, True = real token (None = all real); timestep: [B] (or scalar)
-        in sigma units 0..1; img_shapes: the latent grid (1, h, w) (or one per sample).
+        hidden_states: packed image tokens [B, h*w, in_channels]; encoder_hidden_states: one tensor
+        [B, S_txt, enc_hidden_dim] per selected encoder layer; encoder_hidden_states_mask: [B, S_txt] bool, True = real
+        token (None = all real); timestep: [B] (or scalar) in sigma units 0..1; img_shapes: the latent grid (1, h, w)
+        (or one per sample). `attention_kwargs` is accepted for diffusers compatibility and not used.
         """
+        self._check_inputs(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
         batch_size, image_length, _ = hidden_states.shape
         height_tokens, width_tokens = _grid_from_img_shapes(img_shapes, batch_size)
         if height_tokens * width_tokens != image_length:
             raise ValueError(
                 f"img_shapes grid {height_tokens}x{width_tokens} does not match {image_length} image tokens."
             )
-        self._check_text_inputs(encoder_hidden_states, encoder_hidden_states_mask, batch_size)
         # The timestep MLP is never quantized, so its weights carry the compute dtype.
         dtype = self.time_text_embed.timestep_embedder.linear_1.weight.dtype
         text_length = encoder_hidden_states[0].shape[1]
         device = hidden_states.device
 
-        # 1. Additive key mask: image keys always valid, text keys where the mask is True. [B, 1, 1, S_img + S_txt]
-        if encoder_hidden_states_mask is None:
-            text_valid = torch.ones(batch_size, text_length, dtype=torch.bool, device=device)
-        else:
-            text_valid = encoder_hidden_states_mask.to(device=device, dtype=torch.bool)
-        key_valid = torch.cat([torch.ones(batch_size, image_length, dtype=torch.bool, device=device), text_valid], 1)
-        attention_mask = torch.zeros(key_valid.shape, dtype=dtype, device=device)
-        attention_mask = attention_mask.masked_fill(~key_valid, float("-inf"))[:, None, None, :]
+        # 1. Key mask (masks keys only: padded text queries still compute). [B, S_img + S_txt] bool or None
+        attention_mask = self._key_mask(encoder_hidden_states_mask, batch_size, image_length, text_length, device)
 
         # 2-4. Inputs: image tokens, timestep embedding, normalised and concatenated text layers.
         image = self.img_in(hidden_states.to(dtype))  # [B, S_img, D]
@@ -342,12 +460,10 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         text_layers = [norm(layer.to(dtype)) for norm, layer in zip(self.txt_norm, encoder_hidden_states)]
         text = self.txt_in(torch.cat(text_layers, dim=-1).to(dtype))  # [B, S_txt, D]
 
-        # 5. RoPE angles, float32. [S, head_dim/2]
+        # 5. RoPE tables, float32, shared by every block. [S, head_dim/2] complex (+ real forms)
         image_positions, text_positions = lens_rope_positions(height_tokens, width_tokens, text_length, device)
-        image_angles = rope_frequencies(image_positions, self.config.axes_dims_rope)
-        text_angles = rope_frequencies(text_positions, self.config.axes_dims_rope)
-        image_rope = (image_angles.cos(), image_angles.sin())
-        text_rope = (text_angles.cos(), text_angles.sin())
+        image_rope = rope_tables(rope_frequencies(image_positions, self.config.axes_dims_rope))
+        text_rope = rope_tables(rope_frequencies(text_positions, self.config.axes_dims_rope))
 
         # 6. The blocks.
         for block in self.transformer_blocks:
@@ -359,7 +475,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 image, text = block(image, text, temb, image_rope, text_rope, attention_mask)
 
         # 7. Output: adaptive LayerNorm and projection to the packed latent channels.
-        output = self.proj_out(self.norm_out(image, temb))  # [B, S_img, 128]
+        output = self.proj_out(self.norm_out(image, temb))  # [B, S_img, out_channels * patch^2]
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

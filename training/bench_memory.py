@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lens_core.presets import PIXELS_PER_TOKEN
+
 from .config import PRESET_ORDER, PRESETS, TrainConfig
 from .memory_estimate import (
     BUCKET_AREAS,
@@ -94,10 +96,10 @@ def bench_one(preset: str, size: int, steps: int, tiny: bool, device: torch.devi
     trainer = _build(config, tiny, device)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     optimizer = trainer._optimizer(trainable)
-    grid = size // 16
+    grid = size // PIXELS_PER_TOKEN
     channels = trainer.model.config.enc_hidden_dim
     dtype = torch.float32 if config.adapter.method == "full" else torch.bfloat16
-    latents = torch.randn(1, grid * grid, 128)  # [1, L, 128]
+    latents = torch.randn(1, grid * grid, trainer.model.config.in_channels)  # [1, L, C]
     text = [torch.randn(1, TEXT_TOKENS, channels, dtype=dtype) for _ in trainer.model.config.selected_layer_index]
     mask = torch.ones(1, TEXT_TOKENS, dtype=torch.bool)
     timings = []

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from lens_core.image_io import DEFAULT_MAX_PIXELS
+from lens_core.presets import MAX_STEPS
 
 from .dataset import DATASET_FORMATS
 from .typed_config import apply_values, check_fields, nest, setting
@@ -156,7 +157,7 @@ class MonitorConfig:
     )
     sample_seeds: list[int] = _f([0], "One seed per sample image (fixed, so samples are comparable over time).")
     sample_every: int = _f(250, "Sample every N steps (0 = only at the start and the end).", minimum=0)
-    sample_steps: int = _f(20, "Sampler steps for the samples.", minimum=1)
+    sample_steps: int = _f(20, "Sampler steps for the samples.", minimum=1, maximum=MAX_STEPS)
     sample_guidance: float = _f(4.0, "Guidance scale for the samples.", minimum=0)
     sample_size: list[int] = _f([1024, 1024], "Sample [width, height].")
     validate_every: int = _f(100, "Validation loss every N steps (needs data.validation_count > 0).", minimum=1)

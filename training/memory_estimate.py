@@ -34,6 +34,7 @@ from lens_core.memory_sim import (
     margin_constants,
     required_card_gib,
 )
+from lens_core.presets import PIXELS_PER_TOKEN
 
 from .config import PRESET_ORDER, PRESETS, TrainConfig, build_config
 from .data import bucket_list
@@ -114,7 +115,7 @@ class TrainingPeak:
 
 def largest_bucket(buckets) -> tuple[int, int]:
     """The bucket with the most image tokens (the one that decides the peak)."""
-    return max(bucket_list(buckets), key=lambda size: (size[0] // 16) * (size[1] // 16))
+    return max(bucket_list(buckets), key=lambda size: (size[0] // PIXELS_PER_TOKEN) * (size[1] // PIXELS_PER_TOKEN))
 
 
 def preset_config(name: str, overrides: dict | None = None) -> TrainConfig:
@@ -223,13 +224,14 @@ def _step(trainer, optimizer, trainable, case: TrainingCase) -> None:
     """LensTrainer.train_step's work on one bucket-sized batch: autocast forward and backward (per micro-batch;
     gradients accumulate), clipping, optimizer step, gradients dropped. bf16 autocast runs as CPU autocast (same
     lower-precision ops as CUDA's for this model: linear, matmul, attention)."""
-    grid = (case.height // 16, case.width // 16)
+    grid = (case.height // PIXELS_PER_TOKEN, case.width // PIXELS_PER_TOKEN)
     tokens = grid[0] * grid[1]
     dtype = torch.float32 if case.base_precision == "fp32" else torch.bfloat16  # cached features: the load dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _micro in range(case.gradient_accumulation_steps):
-            latents = torch.empty(case.batch_size, tokens, 128)  # [B, L, 128] float32, from the latent cache
-            noise = torch.empty(case.batch_size, tokens, 128)
+            channels = trainer.model.config.in_channels
+            latents = torch.empty(case.batch_size, tokens, channels)  # [B, L, C] float32, from the latent cache
+            noise = torch.empty(case.batch_size, tokens, channels)
             width = trainer.model.config.enc_hidden_dim
             embeds = [torch.empty(case.batch_size, TEXT_TOKENS, width, dtype=dtype) for _ in range(4)]  # [B, S, D]
             mask = torch.ones(case.batch_size, TEXT_TOKENS, dtype=torch.bool)

@@ -101,7 +101,7 @@ def prepare_data(
                 logger.warning("Skipping %s", error)
                 continue
             pixels = fit_to_bucket(image, planned.bucket)[None].to(device)  # [1, 3, H, W]
-            tokens = encode_images(pipe.vae, pixels)  # [1, L, 128]
+            tokens = encode_images(pipe.vae, pixels)  # [1, L, C]
             cache.put("latents", latent_key, {"tokens": tokens[0].float()})
         text_key, was_truncated = _encode_text_cached(pipe, cache, caption, config, identity, device)
         truncated += was_truncated

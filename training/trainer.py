@@ -26,7 +26,7 @@ import yaml
 
 from lens_core.atomic_io import atomic_build, atomic_write_text
 from lens_core.lora import lora_from_peft_state_dict, save_lora
-from lens_core.presets import PIXELS_PER_TOKEN, compute_mu
+from lens_core.presets import compute_mu
 
 from .base_precision import freeze_base
 from .checkpoint import checkpoint_step, load_checkpoint, restore_rng, rng_state, save_checkpoint
@@ -240,7 +240,7 @@ class LensTrainer:
     # -------------------------------------------------------------------------------------------------------------
 
     def _collate(self, items: list[CachedItem]):
-        latents = torch.stack([self.cache.get("latents", i.latent_key)["tokens"] for i in items])  # [B, L, 128]
+        latents = torch.stack([self.cache.get("latents", i.latent_key)["tokens"] for i in items])  # [B, L, C]
         texts = [self.cache.get_text(i.text_key) for i in items]  # B x 4 x [S_i, hidden]
         length = max(t[0].shape[0] for t in texts)
         embeds = [
@@ -248,14 +248,15 @@ class LensTrainer:
         ]
         mask = torch.stack([torch.arange(length) < t[0].shape[0] for t in texts])  # [B, S]
         width, height = items[0].bucket
-        return latents, embeds, mask, (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
+        pixels = self.pipe.pixels_per_token  # from the VAE config (16 for Lens)
+        return latents, embeds, mask, (height // pixels, width // pixels)
 
     def flow_loss(self, latents, embeds, mask, grid, sigmas, noise) -> torch.Tensor:
         """Rectified flow: x_s = (1 - s) x0 + s noise, the model predicts v = noise - x0; MSE."""
         device = self.device
         latents, noise = latents.to(device), noise.to(device)
         sigma = sigmas.to(device)[:, None, None]  # [B, 1, 1]
-        noisy = (1 - sigma) * latents + sigma * noise  # [B, L, 128]
+        noisy = (1 - sigma) * latents + sigma * noise  # [B, L, C]
         prediction = self.model(
             hidden_states=noisy,
             encoder_hidden_states=[e.to(device) for e in embeds],
@@ -273,7 +274,7 @@ class LensTrainer:
         if drop.any():
             embeds = [e.masked_fill(drop[:, None, None], 0.0) for e in embeds]
             mask = mask & ~drop[:, None]
-        noise = torch.randn(latents.shape, generator=self.generator)  # [B, L, 128]
+        noise = torch.randn(latents.shape, generator=self.generator)  # [B, L, C]
         loop = self.config.loop
         u = loop.timestep_logit_mean + loop.timestep_logit_std * torch.randn(batch, generator=self.generator)
         return embeds, mask, noise, shifted_sigmas(u, grid[0] * grid[1], loop.shift_steps)

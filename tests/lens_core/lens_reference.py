@@ -133,7 +133,8 @@ def sigmas(N, L):
 
 
 def sample(velocity_fn, noise, N, guidance, cond, uncond):
-    """Euler sampler with guidance and per-token norm rescale. velocity_fn(x, t, text_layers, mask) -> v."""
+    """Euler sampler with guidance and per-token norm rescale, as the official pipeline runs it: both passes and the
+    combination at every guidance scale (also at 1 and below). velocity_fn(x, t, text_layers, mask) -> v."""
     L = noise.shape[1]
     sig = sigmas(N, L)
     x = noise.clone()
@@ -141,13 +142,30 @@ def sample(velocity_fn, noise, N, guidance, cond, uncond):
         t = (sig[i] * 1000).float() / 1000
         t_batch = t.expand(x.shape[0])
         v_cond = velocity_fn(x, t_batch, *cond)
-        if guidance > 1:
-            v_uncond = velocity_fn(x, t_batch, *uncond)
-            comb = v_uncond + guidance * (v_cond - v_uncond)
-            n_cond = v_cond.norm(dim=-1, keepdim=True)
-            n_comb = comb.norm(dim=-1, keepdim=True)
-            v = comb * torch.where(n_comb == 0, torch.ones_like(n_comb), n_cond / n_comb.clamp_min(1e-12))
-        else:
-            v = v_cond
+        v_uncond = velocity_fn(x, t_batch, *uncond)
+        comb = v_uncond + guidance * (v_cond - v_uncond)
+        n_cond = v_cond.norm(dim=-1, keepdim=True)
+        n_comb = comb.norm(dim=-1, keepdim=True)
+        v = comb * torch.where(n_comb == 0, torch.ones_like(n_comb), n_cond / n_comb.clamp_min(1e-12))
         x = x + (sig[i + 1] - sig[i]) * v
     return x
+
+
+def negative_branch(positive_layers, positive_mask, negative_prompts, encode):
+    """The official negative: when every negative is empty after stripping whitespace, all-zero features of the
+    positive's shape with an all-False mask; otherwise the encoded negatives."""
+    if all(not text.strip() for text in negative_prompts):
+        return [torch.zeros_like(t) for t in positive_layers], torch.zeros_like(positive_mask)
+    return encode(negative_prompts)
+
+
+def decode(vae, latents, h, w):
+    """Packed tokens -> image in 0..1: [B, C*p*p, h, w], de-normalise with the VAE's bn, unpack, decode, clamp."""
+    p = vae.config.patch_size[0]
+    channels = vae.config.latent_channels
+    batch = latents.shape[0]
+    bn = vae.bn
+    x = latents.reshape(batch, h, w, channels * p * p).permute(0, 3, 1, 2)  # [B, C*p*p, h, w]
+    x = x * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps) + bn.running_mean.view(1, -1, 1, 1)
+    x = x.reshape(batch, channels, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(batch, channels, p * h, p * w)
+    return (vae.decode(x).sample.clamp(-1, 1) + 1) / 2

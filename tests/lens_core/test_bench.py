@@ -59,24 +59,14 @@ def test_random_components_builder_runs_a_quantized_mode():
     """The real-size builder's code path at toy size: loader-like dtypes, MXFP4 bytes, and a pipeline that runs."""
     import torch
 
-    from lens_core.bench import REAL_ENCODER_CONFIG, build_random_components
+    from lens_core.bench import build_random_components
     from lens_core.memory import apply_memory_mode
+    from lens_core.memory_sim import CHECK_ENCODER_CONFIG
     from lens_core.pipeline_lens import LensPipeline
     from lens_core.tiny import TINY_TRANSFORMER_CONFIG
 
-    encoder_config = {
-        **REAL_ENCODER_CONFIG,
-        "num_hidden_layers": 5,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 64,
-        "head_dim": 16,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "sliding_window": 32,
-    }
+    # The real layer types at toy widths (the simulator's check configuration), with layer 5 so features exist.
+    encoder_config = {**CHECK_ENCODER_CONFIG, "num_hidden_layers": 5, "sliding_window": 32}
     vae_config = {"block_out_channels": (16, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
     components = build_random_components(encoder_config, TINY_TRANSFORMER_CONFIG, vae_config, dtype=torch.float32)
     experts = components["text_encoder"].model.layers[0].mlp.experts

@@ -258,3 +258,14 @@ def test_mode_table_for_the_readme_and_bad_combinations(tiny_pipe):
         apply_memory_mode(tiny_pipe, "sequential", "cpu", transformer_precision="nf4")
     with pytest.raises(ValueError, match="Unknown denoiser precision 'fp4'"):
         apply_memory_mode(tiny_pipe, "low", "cpu", transformer_precision="fp4")
+
+
+def test_offload_hooks_move_the_denoisers_rope_tables():
+    """A block's inputs include the RoPE tables (a NamedTuple): the offload hooks move its tensors and keep its type."""
+    from lens_core.memory import _to_device
+    from lens_core.transformer_lens import RopeTables
+
+    tables = RopeTables(torch.ones(3, 2, dtype=torch.complex64), torch.ones(3, 4), torch.zeros(3, 4))
+    moved = _to_device(((tables, torch.ones(2)), {"rope": tables}), torch.device("cpu"))
+    assert isinstance(moved[0][0], RopeTables) and isinstance(moved[1]["rope"], RopeTables)
+    assert torch.equal(moved[0][0].cos, tables.cos)

@@ -8,15 +8,29 @@ import lens_reference as ref
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 HEIGHT, WIDTH = 48, 64  # 3 x 4 image tokens
 
 
-def _reference_images(pipe, prompt, negative, guidance, steps, seed):
+def _reference_images(pipe, prompt, negative, guidance, steps, seed, height=HEIGHT, width=WIDTH):
     """Features from encode_prompt (tested against transformers elsewhere), then the spec's sampler and decode."""
-    embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(prompt, negative_prompt=negative)
-    h, w = HEIGHT // 16, WIDTH // 16
-    noise = torch.randn(1, h * w, 128, generator=torch.Generator().manual_seed(seed))
+    embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+    negative_embeds, negative_mask = ref.negative_branch(
+        embeds, mask, [negative], lambda texts: pipe.encode_prompt(texts, do_classifier_free_guidance=False)[:2]
+    )
+    length = max(mask.shape[1], negative_mask.shape[1])  # right-pad both to one length, as the pipeline does
+
+    def pad(layers, m):
+        return (
+            [F.pad(t, (0, 0, 0, length - t.shape[1])) for t in layers],
+            F.pad(m, (0, length - m.shape[1])),
+        )
+
+    (embeds, mask), (negative_embeds, negative_mask) = pad(embeds, mask), pad(negative_embeds, negative_mask)
+    h, w = height // pipe.pixels_per_token, width // pipe.pixels_per_token
+    channels = pipe.transformer.config.in_channels
+    noise = torch.randn(1, h * w, channels, generator=torch.Generator().manual_seed(seed))
     state, config = pipe.transformer.state_dict(), dict(pipe.transformer.config)
 
     def velocity(x, t, layers, text_mask):
@@ -24,18 +38,17 @@ def _reference_images(pipe, prompt, negative, guidance, steps, seed):
 
     with torch.no_grad():
         latents = ref.sample(velocity, noise, steps, guidance, (embeds, mask), (negative_embeds, negative_mask))
-        bn = pipe.vae.bn
-        x = latents.reshape(1, h, w, 128).permute(0, 3, 1, 2)  # [B, 128, h, w]
-        x = x * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps) + bn.running_mean.view(
-            1, -1, 1, 1
-        )
-        x = x.reshape(1, 32, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(1, 32, 2 * h, 2 * w)
-        image = (pipe.vae.decode(x).sample.clamp(-1, 1) + 1) / 2
+        image = ref.decode(pipe.vae, latents, h, w)
     return latents, image
 
 
-@pytest.mark.parametrize("guidance,negative", [(5.0, ""), (5.0, "blurry, dark"), (1.0, "")])
+@pytest.mark.parametrize(
+    "guidance,negative",
+    [(5.0, ""), (5.0, "blurry, dark"), (1.0, ""), (1.0, "blurry"), (0.5, "blurry, dark"), (0.0, ""), (5.0, "  \t ")],
+)
 def test_sampler_and_decode_match_the_spec(tiny_pipe, guidance, negative):
+    """Guidance 0, 0.5, 1 and 5 (combined and rescaled, as the official does; at 1 we skip the unconditional pass and
+    must still agree) and a whitespace-only negative (empty, as the official treats it)."""
     prompt, steps, seed = "a red fox sitting in tall green grass", 4, 7
     expected_latents, expected_image = _reference_images(tiny_pipe, prompt, negative, guidance, steps, seed)
     kwargs = dict(
@@ -53,17 +66,33 @@ def test_sampler_and_decode_match_the_spec(tiny_pipe, guidance, negative):
     assert image.shape == (1, 3, HEIGHT, WIDTH)
 
 
+def test_guidance_below_one_is_not_the_conditional_prediction(tiny_pipe):
+    """At 0.5 and 0 the combination changes the result (the old "<= 1 skips" shortcut would not)."""
+    common = dict(prompt="a red fox", negative_prompt="", height=32, width=32, num_inference_steps=2)
+
+    def run(g):
+        return tiny_pipe(
+            **common, guidance_scale=g, generator=torch.Generator().manual_seed(0), output_type="latent"
+        ).images
+
+    at_one = run(1.0)
+    for guidance in (0.5, 0.0):
+        assert (run(guidance) - at_one).abs().max() > 1e-3
+
+
 def test_guidance_one_skips_the_unconditional_pass(tiny_pipe):
     batches = []
     hook = tiny_pipe.transformer.register_forward_pre_hook(
         lambda _m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
     )
     try:
-        tiny_pipe("a fox", height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent")
-        tiny_pipe("a fox", height=32, width=32, num_inference_steps=2, guidance_scale=3.0, output_type="latent")
+        for guidance in (1.0, 3.0, 0.5, 0.0, 1):
+            tiny_pipe(
+                "a fox", height=32, width=32, num_inference_steps=2, guidance_scale=guidance, output_type="latent"
+            )
     finally:
         hook.remove()
-    assert batches == [1, 1, 2, 2]
+    assert batches == [1, 1, 2, 2, 2, 2, 2, 2, 1, 1]  # only exactly 1 skips the unconditional pass
 
 
 def test_output_types_and_pil_truncation(tiny_pipe):
@@ -142,3 +171,11 @@ def test_bad_input_is_refused(tiny_pipe, kwargs, message):
     kwargs = {"height": 32, "width": 32, "num_inference_steps": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         tiny_pipe(**kwargs)
+
+
+def test_a_step_count_without_a_usable_schedule_is_refused(tiny_pipe):
+    """mu falls with the step count; past about 98,000 steps exp(mu) underflows and the first sigma is 0 / 0."""
+    assert torch.isfinite(tiny_pipe.prepare_timesteps(200, 16, "cpu")).all()
+    with pytest.raises(ValueError, match="num_inference_steps=100000 gives no usable schedule"):
+        tiny_pipe.prepare_timesteps(100_000, 16, "cpu")
+

@@ -60,11 +60,11 @@ def test_rope_positions_are_centred():
 
 def test_packing_puts_channel_c_patch_p1_p2_at_index_c4_p1_2_p2():
     latents = torch.randn(2, 32, 6, 4)
-    tokens = pack_latents(latents)  # [2, 3*2, 128]
+    tokens = pack_latents(latents, 2)  # [2, 3*2, 128]
     assert tokens.shape == (2, 6, 128)
     c, p1, p2, y, x = 5, 1, 0, 2, 1
     assert tokens[1, y * 2 + x, c * 4 + p1 * 2 + p2] == latents[1, c, 2 * y + p1, 2 * x + p2]
-    assert torch.equal(unpack_latents(tokens, 3, 2), latents)
+    assert torch.equal(unpack_latents(tokens, 3, 2, 2), latents)
 
 
 def _random_inputs(model, batch, h, w, s_txt, seed=0):

@@ -16,6 +16,8 @@ try:  # tests/ is on sys.path when it is not a package (pytest's rootdir inserti
     from browser_support import chromium_page, find_chromium
 except ImportError:  # tests/ became a package
     from tests.browser_support import chromium_page, find_chromium
+from training.recaption.config import RecaptionConfig
+
 from .conftest import REPO_ROOT, write_images
 from .fake_server import FakeOpenAIServer, FakeServerSettings
 
@@ -71,12 +73,18 @@ def test_tab_preview_run_review_edit_save(tmp_path, tab_url):
         FakeOpenAIServer(FakeServerSettings(latency=0.05, fault_cycle=["ok", "429", "ok"])) as server,
         chromium_page() as page,
     ):
+        expect = pytest.importorskip("playwright.sync_api").expect
         page.goto(tab_url)
-        page.get_by_label("Dataset folder").fill(str(data))
-        page.get_by_label("Dataset folder").press("Tab")  # Gradio syncs a textbox's value on blur
+        # Open the accordion first and wait until its server-URL box shows its default: the box is mounted when the
+        # accordion opens, and a value typed before that settles is replaced by the default (the preview then went
+        # to api.openai.com). Every value is checked in the page before the click that sends it.
         page.get_by_text("Backend and output settings").click()
-        page.get_by_label("Server URL (openai)").fill(server.base_url)
-        page.get_by_label("Server URL (openai)").press("Tab")
+        url_box, folder_box = page.get_by_label("Server URL (openai)"), page.get_by_label("Dataset folder")
+        expect(url_box).to_have_value(RecaptionConfig().base_url, timeout=30_000)
+        for box, value in ((folder_box, str(data)), (url_box, server.base_url)):
+            box.fill(value)
+            box.press("Tab")  # Gradio syncs a textbox's value on blur
+            expect(box).to_have_value(value)
 
         page.get_by_role("button", name="Preview on 4 images").click()
         try:

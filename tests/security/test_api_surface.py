@@ -95,6 +95,7 @@ ALLOWED = {
     "train_resume": ["Run name"],
     "train_load_lora": ["Trained LoRA"],  # a LoRA *name* from the caller's own list, as /generate takes
     "train_status": [],
+    "preset_rank": ["Preset"],  # a preset name (a choice) -> its LoRA rank
     "refresh": [],
     "dataset_choices": ["Dataset"],
 }

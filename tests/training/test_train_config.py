@@ -94,3 +94,11 @@ def test_example_configs_load(name):
     values = load_config_file(path)
     config = build_config(values, {"data.path": "/data"})
     assert config.preset == name
+
+
+def test_training_samples_take_at_most_the_engines_step_count():
+    from lens_core.presets import MAX_STEPS
+
+    assert build_config({"data": {"path": "."}}, {"monitor.sample_steps": MAX_STEPS}).monitor.sample_steps == MAX_STEPS
+    with pytest.raises(ValueError, match="sample_steps"):
+        build_config({"data": {"path": "."}}, {"monitor.sample_steps": MAX_STEPS + 1})

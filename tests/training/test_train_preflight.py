@@ -115,8 +115,14 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_exit_130(tiny_check
 
 
 def test_a_stop_during_the_first_samples_ends_at_the_next_denoising_step(tiny_checkpoint, dataset, tmp_path):
-    # 100,000 denoising steps per sample: the run can only end in time if the stop interrupts the sampler.
-    values = tiny_overrides(tiny_checkpoint, dataset, tmp_path / "run", 10, **{"monitor.sample_steps": 100_000})
+    # The longest samples allowed (200 steps at 512x512): the stop must interrupt the sampler, or "samples" is logged.
+    values = tiny_overrides(
+        tiny_checkpoint,
+        dataset,
+        tmp_path / "run",
+        10,
+        **{"monitor.sample_steps": 200, "monitor.sample_size": [512, 512]},
+    )
     # SIGTERM is what the Train tab's Stop sends.
     events = _stop_a_run(values, tmp_path, lambda events: any(e["event"] == "started" for e in events), signal.SIGTERM)
     kinds = [e["event"] for e in events]

@@ -130,6 +130,16 @@ def test_the_loss_plot_draws_numbers_from_its_first_frame():
         assert default_preset()[0] == "cpu"
 
 
+def test_the_rank_box_starts_at_the_presets_rank():
+    """The box overrides the preset's rank, so it shows the preset's own (the simulated need assumes it)."""
+    from app.train_tab import preset_rank
+    from training.config import PRESET_NAMES
+    from training.memory_estimate import preset_config
+
+    for name in PRESET_NAMES:
+        assert preset_rank(name) == preset_config(name).adapter.rank
+
+
 @pytest.mark.browser
 def test_the_loss_plot_draws_loss_and_validation_lines_in_a_browser(client, tiny_checkpoint, tmp_path):
     from browser_support import chromium_page
