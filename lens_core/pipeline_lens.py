@@ -462,14 +462,17 @@ class LensPipeline(DiffusionPipeline, LensLoraLoaderMixin):
         """Shifted sigmas from linspace(1, 1/N, N) with the exponential time shift at mu(L, N); a final 0 appended."""
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=np.float32)
         mu = compute_mu(image_seq_len, num_inference_steps)
-        self.scheduler.set_timesteps(sigmas=sigmas.tolist(), mu=mu, device=device)
-        if not torch.isfinite(self.scheduler.timesteps).all():
-            # mu falls linearly with the step count: past tens of thousands of steps exp(mu) underflows to 0 and the
-            # first shifted sigma is 0 / 0. Say so instead of failing inside the scheduler.
+        # mu falls linearly with the step count: past about 13,000 steps exp(mu) underflows in the float32 shift and
+        # the first shifted sigma is 0 / 0. Check the shift the scheduler will make (on the host, in its dtypes) and
+        # say so, instead of failing inside the scheduler.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shifted = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        if not np.isfinite(shifted).all():
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} gives no usable schedule at {image_seq_len} image tokens "
                 f"(shift mu = {mu:.1f}); use fewer steps (Lens-Base's default is 50)."
             )
+        self.scheduler.set_timesteps(sigmas=sigmas.tolist(), mu=mu, device=device)
         return self.scheduler.timesteps
 
     # -------------------------------------------------------------------------------------------------------------
