@@ -289,7 +289,9 @@ class LensEngine:
         self.loras: list[
             tuple[str, float]
         ] = []  # the LoRAs loaded in the pipeline now (names as their caller named them)
-        self._lora_files: list[tuple[Path, float]] = []  # what is loaded: names differ per workspace, files do not
+        # What is loaded: (file, its mtime, weight). Names differ per workspace, files do not; the mtime makes a file
+        # written again (a run trained again under the same name) load again.
+        self._lora_files: list[tuple[Path, int, float]] = []
         # Per workspace, the set its requests with `loras=None` use: one visitor's choice never reaches another's images.
         self._active_loras: dict[Path, list[tuple[str, float]]] = {}
         self._file_counter = 0
@@ -466,7 +468,7 @@ class LensEngine:
             unknown = [name for name, _ in wanted if name not in available]
             if unknown:
                 raise ValueError(f"Unknown LoRA {unknown[0]!r}; available: {sorted(available) or 'none'}.")
-            files = [(available[name].resolve(), weight) for name, weight in wanted]
+            files = [(available[name].resolve(), available[name].stat().st_mtime_ns, weight) for name, weight in wanted]
             if files == self._lora_files:
                 self.loras = self._active_loras[self._workspace_key(workspace)] = wanted
                 return

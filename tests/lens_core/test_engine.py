@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -208,6 +209,23 @@ def test_a_lora_changes_the_image_and_removing_it_restores_the_base(engine):
     assert np.abs(np.asarray(Image.open(again.paths[0]), dtype=int) - base).max() <= 1
 
 
+def test_each_workspace_keeps_its_own_active_loras(engine):
+    """On a shared server one engine serves every visitor: the set one workspace activates (e.g. from its Train tab)
+    is what *its* requests without a LoRA list use, never another's."""
+    save_lora(_random_lora(engine.pipe.transformer, seed=2), engine.config.output_dir / "loras" / "ink.safetensors")
+    alice, bob = engine.config.output_dir / "users" / "alice", engine.config.output_dir / "users" / "bob"
+    for workspace in (alice, bob):
+        workspace.mkdir(parents=True, exist_ok=True)
+    engine.set_loras([("loras/ink.safetensors", 0.7)], alice)
+    request = {"prompt": "a fox", "seed": 3, **SMALL}
+    for_bob = engine.generate(GenerationRequest(**request), workspace=bob)
+    for_alice = engine.generate(GenerationRequest(**request), workspace=alice)
+    assert for_bob.settings[0].loras == [] and engine.active_loras(bob) == []
+    assert for_alice.settings[0].loras == [{"name": "loras/ink.safetensors", "weight": 0.7}]
+    assert engine.active_loras(alice) == [("loras/ink.safetensors", 0.7)]
+    assert for_bob.paths[0].is_relative_to(bob) and for_alice.paths[0].is_relative_to(alice)
+
+
 def test_a_missing_model_leaves_the_engine_serving_with_an_explanation(tmp_path):
     engine = LensEngine(
         EngineConfig(output_dir=tmp_path, model=str(tmp_path / "no-such-folder"), local_files_only=True)
@@ -240,3 +258,15 @@ def test_output_dir_is_created_on_first_save(tiny_checkpoint, tmp_path):
     engine.load()
     result = engine.generate(GenerationRequest(prompt="a fox", seed=0, **SMALL))
     assert result.paths[0].is_file() and Path(result.paths[0]).name.endswith("-0-a-fox.png")
+
+
+def test_a_lora_written_again_is_loaded_again(engine):
+    """Training a run again under the same name rewrites its file: the next request must use the new weights."""
+    path = engine.config.output_dir / "loras" / "again.safetensors"
+    request = {"prompt": "a fox", "seed": 3, **SMALL, "loras": [("loras/again.safetensors", 1.0)]}
+    save_lora(_random_lora(engine.pipe.transformer, seed=5), path)
+    first = np.asarray(Image.open(engine.generate(GenerationRequest(**request)).paths[0]), dtype=int)
+    save_lora(_random_lora(engine.pipe.transformer, seed=6), path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a later write, whatever the clock
+    second = np.asarray(Image.open(engine.generate(GenerationRequest(**request)).paths[0]), dtype=int)
+    assert np.abs(second - first).max() > 1
