@@ -75,3 +75,44 @@ def test_only_admins_change_the_model(login_app, space_app, alice):
         assert not outcome.success and "only an admin" in outcome.error
     assert alice.predict(api_name="/model_status") == status
     assert alice.predict("full", api_name="/set_memory_mode") == "Memory mode: **full**."
+
+
+def _server_lora(folder: Path) -> str:
+    """A LoRA for the tiny model in the server's own `loras/` folder (offered to every visitor); returns its name."""
+    import torch
+
+    from lens_core.lora import LensLora, save_lora
+    from lens_core.tiny import TINY_TRANSFORMER_CONFIG
+    from lens_core.transformer_lens import LensTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = LensTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    generator, tensors = torch.Generator().manual_seed(7), {}
+    modules = ["transformer_blocks.0.attn.img_qkv", "transformer_blocks.1.attn.to_out.0"]
+    for name in modules:
+        linear = transformer.get_submodule(name)
+        tensors[name] = {
+            "lora_A.weight": torch.randn(4, linear.in_features, generator=generator) * 0.5,
+            "lora_B.weight": torch.randn(linear.out_features, 4, generator=generator) * 0.5,
+        }
+    lora = LensLora("house-style", tensors, dict.fromkeys(modules, 4), dict.fromkeys(modules, 4.0), {})
+    save_lora(lora, folder / "loras" / "house-style.safetensors")
+    return "loras/house-style.safetensors"
+
+
+def test_one_visitors_active_lora_never_reaches_anothers_images(login_app, alice, bob):
+    """"Load in Generate tab" keeps a LoRA active until its user changes it (issue 10); on a shared server that is the
+    loading visitor's own set: bob's next image (no LoRA list given) is his base image, not alice's style."""
+    from lens_core.metadata import read_settings
+
+    name = _server_lora(login_app.output_dir)
+    message = alice.predict(name, api_name="/train_load_lora")[0]
+    assert "Loaded" in message
+    request = {"prompt": "lora isolation", "seed": 9, "api_name": "/generate", **SMALL}
+    bob_files, _ = bob.predict(**request)
+    alice_files, _ = alice.predict(**request)
+    bob_image = login_app.workspaces() / user_folder_name("bob") / "images" / Path(bob_files[0]).name
+    alice_image = login_app.workspaces() / user_folder_name("alice") / "images" / Path(alice_files[0]).name
+    assert read_settings(bob_image).loras == []
+    assert read_settings(alice_image).loras == [{"name": name, "weight": 1.0}]
+    assert alice.predict(**request, loras=[])[1]["images"][0]["loras"] == []  # alice clears her own set
