@@ -69,7 +69,6 @@ def shared_setting_keys() -> set[str]:
     return keys - NOT_FROM_VISITORS
 
 
-
 @dataclass
 class TrainRequest:
     """The tab's widgets, by name."""
@@ -187,9 +186,7 @@ def _curve(status: TrainingStatus) -> pd.DataFrame | None:
     )
 
 
-def build_train_tab(
-    output_root: Path, engine=None, hosting: Hosting | None = None, generate_tab=None
-) -> None:
+def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = None, generate_tab=None) -> None:
     """Build the tab's widgets and events inside the caller's `with gr.Tab("Train"):`. With `engine` and
     `generate_tab` (the Generate tab's components), "Load in Generate tab" hands the LoRA over to them."""
     output_root = Path(output_root)

@@ -230,7 +230,9 @@ def measure(
         _sync(device)
         image.append(time.perf_counter() - start)
     row.step_s = min(denoise) / steps
-    if guidance_is_identity(guidance):  # the pipeline skips the unconditional half: show what that saves (target >= 1.8x)
+    if guidance_is_identity(
+        guidance
+    ):  # the pipeline skips the unconditional half: show what that saves (target >= 1.8x)
         with_cfg = []
         for _ in range(2):  # the first run warms up the doubled batch (allocator, kernels, recompiles)
             start = time.perf_counter()

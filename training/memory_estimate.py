@@ -488,9 +488,7 @@ def detected_gpu_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GIB
 
 
-def preset_suggestion(
-    total_gib: float | None, default: str = "16gb", adapters_only: bool = False
-) -> tuple[str, str]:
+def preset_suggestion(total_gib: float | None, default: str = "16gb", adapters_only: bool = False) -> tuple[str, str]:
     """(preset, explanation) for the Train tab: the largest preset whose simulated need fits this GPU (`adapters_only`:
     LoRA/LoKr presets only), or `default` with the simulated needs listed when there is no GPU here (the run may go to
     another machine) or none fits."""

@@ -267,6 +267,8 @@ def test_a_lora_written_again_is_loaded_again(engine):
     save_lora(_random_lora(engine.pipe.transformer, seed=5), path)
     first = np.asarray(Image.open(engine.generate(GenerationRequest(**request)).paths[0]), dtype=int)
     save_lora(_random_lora(engine.pipe.transformer, seed=6), path)
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a later write, whatever the clock
+    os.utime(
+        path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000)
+    )  # a later write, whatever the clock
     second = np.asarray(Image.open(engine.generate(GenerationRequest(**request)).paths[0]), dtype=int)
     assert np.abs(second - first).max() > 1

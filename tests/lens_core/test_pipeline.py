@@ -179,4 +179,3 @@ def test_a_step_count_without_a_usable_schedule_is_refused(tiny_pipe):
     assert torch.isfinite(tiny_pipe.prepare_timesteps(13_000, 16, "cpu")).all()
     with pytest.raises(ValueError, match="num_inference_steps=14000 gives no usable schedule"):
         tiny_pipe.prepare_timesteps(14_000, 16, "cpu")
-

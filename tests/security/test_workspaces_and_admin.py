@@ -101,7 +101,7 @@ def _server_lora(folder: Path) -> str:
 
 
 def test_one_visitors_active_lora_never_reaches_anothers_images(login_app, alice, bob):
-    """"Load in Generate tab" keeps a LoRA active until its user changes it (issue 10); on a shared server that is the
+    """ "Load in Generate tab" keeps a LoRA active until its user changes it (issue 10); on a shared server that is the
     loading visitor's own set: bob's next image (no LoRA list given) is his base image, not alice's style."""
     from lens_core.metadata import read_settings
 
