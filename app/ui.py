@@ -28,13 +28,17 @@ DELETE_CACHE = (600, 3600)
 BROWSER_ID_KEY = "lens-studio-workspace"  # localStorage key of an anonymous visitor's signed workspace id
 
 
-def _status_outputs(engine: LensEngine) -> tuple:
+def _status_outputs(engine: LensEngine, hosting: Hosting) -> tuple:
     loading = engine.status == "loading"
-    return engine.status_text(), gr.update(visible=not engine.ready and not loading), gr.Timer(active=loading)
+    return (
+        engine.status_text(for_visitors=hosting.shared),
+        gr.update(visible=not engine.ready and not loading),
+        gr.Timer(active=loading),
+    )
 
 
 def _build_status_banner(engine: LensEngine, hosting: Hosting) -> None:
-    banner = gr.Markdown(engine.status_text(), elem_id="model-status")
+    banner = gr.Markdown(engine.status_text(for_visitors=hosting.shared), elem_id="model-status")
     gr.Markdown(hosting.mode.banner(), elem_id="hosting-mode")
     queue_line = gr.Markdown("", elem_id="queue-line")
     with gr.Row():
@@ -50,7 +54,7 @@ def _build_status_banner(engine: LensEngine, hosting: Hosting) -> None:
             engine.load(TINY_MODEL)
         except (CheckpointError, OSError, ValueError) as error:
             raise user_error(error) from None
-        return _status_outputs(engine)
+        return _status_outputs(engine, hosting)
 
     def queue_status(request: gr.Request) -> str:
         return hosting.queue.line_for(getattr(request, "session_hash", None), GPU_QUEUE)
@@ -58,7 +62,7 @@ def _build_status_banner(engine: LensEngine, hosting: Hosting) -> None:
     outputs = [banner, demo_button, timer]
     # Polling never takes a queue slot (queue=False): a full GPU queue must not refuse or delay the page's status.
     timer.tick(
-        lambda: _status_outputs(engine),
+        lambda: _status_outputs(engine, hosting),
         None,
         outputs,
         api_visibility="private",
@@ -69,7 +73,12 @@ def _build_status_banner(engine: LensEngine, hosting: Hosting) -> None:
     demo_button.click(
         use_demo_model, None, outputs, api_name="load_demo_model", concurrency_id=GPU_QUEUE, concurrency_limit=1
     )
-    gr.api(engine.status_text, api_name="model_status", queue=False)
+
+    def model_status() -> str:
+        """What is loaded, or why nothing is (in shared mode without server paths)."""
+        return engine.status_text(for_visitors=hosting.shared)
+
+    gr.api(model_status, api_name="model_status", queue=False)
 
 
 def _remember_anonymous_workspace(hosting: Hosting, demo: gr.Blocks) -> None:

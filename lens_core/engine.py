@@ -227,6 +227,14 @@ def safe_image_path(output_dir: Path, stem: str) -> Path:
     return path
 
 
+def public_model_name(model: str) -> str:
+    """How a model is named to the people who see its images (banner, PNG settings): a Hub id or "tiny" as it is, a
+    local folder or single file by its own name only, so a hosted app never shows where the server keeps its weights."""
+    if model == TINY_MODEL or (re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not Path(model).exists()):
+        return model
+    return Path(model).name or model
+
+
 def estimate_gpu_seconds(num_inference_steps: int, width: int, height: int, images: int, guidance_scale: float) -> int:
     """A generous GPU-time estimate for ZeroGPU's `duration`: the published 3.15 s for 20 steps at 1024x1024 with
     guidance on an H100 (about 0.16 s per step per megapixel), doubled for slower cards, plus load and decode time."""
@@ -323,14 +331,22 @@ class LensEngine:
     def device(self) -> str:
         return self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    def status_text(self) -> str:
-        """One Markdown paragraph for the page: what is loaded, or what is missing and how to fix it."""
+    @property
+    def public_model_name(self) -> str:
+        return public_model_name(self.model_label)
+
+    def status_text(self, for_visitors: bool = False) -> str:
+        """One Markdown paragraph for the page: what is loaded, or what is missing and how to fix it. `for_visitors`
+        (a shared server) leaves out the load error, which names server folders and files: the server log has it."""
+        name = self.public_model_name
         if self.status == "ready":
             demo = " (random demo weights: images are noise)" if self.is_demo else ""
-            return f"Model **{self.model_label}** ({self.variant.name}) ready on {self.device}{demo}."
+            return f"Model **{name}** ({self.variant.name}) ready on {self.device}{demo}."
         if self.status == "loading":
-            return f"Loading **{self.model_label}**... (the first start downloads about 30 GB)."
+            return f"Loading **{name}**... (the first start downloads about 30 GB)."
         if self.status == "error":
+            if for_visitors:
+                return f"**No model loaded.** The server could not load `{name}`; its log says why."
             return f"**No model loaded.** {self.load_error}"
         return "No model loaded yet."
 
@@ -584,7 +600,7 @@ class LensEngine:
             width=request.width,
             height=request.height,
             variant=self.pipe.variant_preset.name,
-            model=self.model_label,
+            model=self.public_model_name,
             prompt_date=self.pipe.prompt_date,
             original_prompt=request.original_prompt,
             loras=[{"name": name, "weight": weight} for name, weight in self.loras],

@@ -272,3 +272,29 @@ def test_a_lora_written_again_is_loaded_again(engine):
     )  # a later write, whatever the clock
     second = np.asarray(Image.open(engine.generate(GenerationRequest(**request)).paths[0]), dtype=int)
     assert np.abs(second - first).max() > 1
+
+
+def test_a_model_is_named_without_the_server_folder_it_lives_in(tiny_checkpoint, tmp_path):
+    """Banner and PNG settings name a local model by its folder's own name (a hosted app never shows server paths);
+    Hub ids and "tiny" are kept whole, and a failed load told to visitors names no file."""
+    from lens_core.engine import public_model_name
+    from lens_core.metadata import read_settings
+
+    assert public_model_name("microsoft/Lens-Turbo") == "microsoft/Lens-Turbo"
+    assert public_model_name("tiny") == "tiny"
+    assert public_model_name("/srv/weights/lens.safetensors") == "lens.safetensors"
+    assert public_model_name(str(tiny_checkpoint)) == tiny_checkpoint.name
+
+    engine = LensEngine(EngineConfig(output_dir=tmp_path / "out", model=str(tiny_checkpoint)))
+    engine.load()
+    assert str(tiny_checkpoint.parent) not in engine.status_text() and tiny_checkpoint.name in engine.status_text()
+    result = engine.generate(GenerationRequest(prompt="a fox", seed=0, **SMALL))
+    assert read_settings(result.paths[0]).model == tiny_checkpoint.name
+
+    missing = LensEngine(
+        EngineConfig(output_dir=tmp_path, model=str(tmp_path / "private" / "x"), local_files_only=True)
+    )
+    missing.load_in_background().join(30)
+    assert str(tmp_path) in missing.status_text()  # the person at the machine gets the whole story
+    visitors = missing.status_text(for_visitors=True)
+    assert "No model loaded" in visitors and str(tmp_path) not in visitors and "private" not in visitors

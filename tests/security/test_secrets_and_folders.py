@@ -9,10 +9,12 @@ import time
 import zipfile
 from pathlib import Path
 
-from gradio_client import handle_file
+from app_server_support import running_app, wait_until_ready
+from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.workspace import user_folder_name
+from lens_core.metadata import read_settings
 
 from .conftest import CANARY_ENV
 
@@ -117,3 +119,35 @@ def test_no_server_folder_can_be_read_or_written(login_app, space_app, tmp_path)
     assert not outcome.success and "Training is off" in outcome.error
     assert sorted(path.name for path in outside.iterdir()) == before
     assert not (tmp_path / "cache-outside").exists() and not (tmp_path / "run-outside").exists()
+
+
+def test_the_page_and_images_never_show_where_the_server_keeps_its_model(tiny_checkpoint, tmp_path):
+    """A shared server started with `--model /a/server/folder` names its model by the folder's own name only: the
+    banner, `/model_status`, the settings `/generate` returns and the PNG's metadata never hold the server path, and a
+    model that fails to load is reported without the loader's error (which names server files)."""
+    server_folder = str(tiny_checkpoint.parent)
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "missing").mkdir()
+    with running_app(tmp_path / "ok", "--shared", "--model", str(tiny_checkpoint)) as (url, output_dir):
+        client = Client(url, verbose=False)
+        wait_until_ready(client)
+        status = client.predict(api_name="/model_status")
+        assert tiny_checkpoint.name in status and server_folder not in status
+        files, settings = client.predict(
+            prompt="where is it", seed=3, width=64, height=64, num_inference_steps=2, api_name="/generate"
+        )
+        assert settings["images"][0]["model"] == tiny_checkpoint.name and server_folder not in str(settings)
+        saved = next((output_dir / "users").rglob(Path(files[0]).name))
+        assert read_settings(saved).model == tiny_checkpoint.name and server_folder not in saved.read_bytes().decode(
+            "latin-1"
+        )
+
+    missing = tmp_path / "private-weights" / "Lens-Turbo"
+    with running_app(tmp_path / "missing", "--shared", "--model", str(missing), "--local-files-only") as (url, _):
+        client = Client(url, verbose=False)
+        deadline = time.monotonic() + 120
+        status = client.predict(api_name="/model_status")
+        while "Loading" in status and time.monotonic() < deadline:  # the load runs in the background
+            time.sleep(0.2)
+            status = client.predict(api_name="/model_status")
+        assert "No model loaded" in status and str(missing.parent) not in status and "private-weights" not in status
