@@ -90,6 +90,7 @@ def build_config(values: dict[str, Any], **overrides: Any) -> RecaptionConfig:
         "inputs": [folder],
         "output_dir": (values.get("output_dir") or "").strip() or None,
         "formats": list(values.get("formats") or ["sidecar"]),
+        "sidecar_extension": str(values.get("sidecar_extension", RecaptionConfig().sidecar_extension)).strip(),
         "backend": values["backend"],
         "model": (values.get("model") or "").strip(),
         "base_url": (values.get("base_url") or "").strip(),
@@ -441,6 +442,10 @@ def _settings_widgets(hosting: Hosting) -> dict[str, gr.components.Component]:
                 8, 1024, value=defaults.max_new_tokens, step=8, label="Max new tokens"
             )
             widgets["formats"] = gr.CheckboxGroup(list(OUTPUT_FORMATS), value=defaults.formats, label="Outputs")
+            widgets["sidecar_extension"] = gr.Textbox(
+                value=defaults.sidecar_extension,
+                label="Sidecar extension (.lens.txt keeps the alt-text .txt files; training reads the new captions)",
+            )
             widgets["overwrite"] = gr.Checkbox(value=False, label="Overwrite existing captions")
         widgets["prompt"] = gr.Textbox(
             label="Custom prompt (optional; variables {original_caption} {hint} {tags} {file_name} {folder} {target_words})",

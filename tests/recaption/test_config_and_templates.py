@@ -26,12 +26,27 @@ pytestmark = pytest.mark.timeout(30)
         ({"base_url": "localhost:8000"}, "must start with http:// or https://"),
         ({"inputs": []}, "inputs is empty"),
         ({"caption_source": "captions/"}, "caption_source='captions/' must be auto"),
+        # A caption written in place must never land on an image or a dataset file.
+        ({"sidecar_extension": ".jpg"}, "sidecar_extension='.jpg' must be dot-separated"),
+        ({"sidecar_extension": ".lens.PNG"}, "not end in an image or dataset extension"),
+        ({"sidecar_extension": ".jsonl"}, "would overwrite that file"),
+        ({"sidecar_extension": ".."}, "sidecar_extension='..' must be"),
+        ({"sidecar_extension": "txt"}, "sidecar_extension='txt' must be"),
+        ({"sidecar_extension": ".lens/../x"}, "must be dot-separated"),
+        ({"sidecar_extension": ""}, "sidecar_extension='' must be"),
     ],
 )
 def test_validation_names_bad_value_and_allowed(changes, message):
     values = {"inputs": ["data"], **changes}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         RecaptionConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("extension", [".txt", ".lens.txt", ".caption", ".dense_v2.txt"])
+def test_usual_sidecar_extensions_are_accepted(extension):
+    assert (
+        RecaptionConfig.from_dict({"inputs": ["data"], "sidecar_extension": extension}).sidecar_extension == extension
+    )
 
 
 def test_unknown_config_key_is_an_error():

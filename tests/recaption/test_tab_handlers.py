@@ -45,6 +45,7 @@ def _values(folder, base_url="http://127.0.0.1:9/v1", **changes):
         "template": "dense",
         "target_words": 100,
         "prompt": "",
+        "sidecar_extension": ".txt",
         "overwrite": False,
     }
     return {**values, **changes}
@@ -59,6 +60,8 @@ def test_user_mistakes_are_gr_errors(tmp_path):
         build_config(_values(tmp_path, concurrency=0))
     with pytest.raises(gr.Error, match=r"unknown variable\(s\) \['nme'\]"):
         build_config(_values(tmp_path, prompt="Describe {nme}")).validate()
+    with pytest.raises(gr.Error, match="would overwrite that file"):
+        build_config(_values(tmp_path, sidecar_extension=".jpg"))  # photo.jpg's caption in photo.jpg
     with pytest.raises(gr.Error, match="No recaption job is running"):
         stop_job(None)
 
@@ -129,6 +132,28 @@ def test_start_stop_resume_review_and_edit(tmp_path):
     assert [row[0] for row in flagged_rows] == ["img005"]
     last = json.loads((data / "_lens" / "progress.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "item" and last["accepted"] is True
+
+
+def test_in_place_with_another_extension_keeps_the_alt_text_and_training_reads_the_new_captions(tmp_path):
+    """The tab's "Sidecar extension": `.lens.txt` in place writes the dense captions next to the alt-text `.txt`
+    files, which stay as they were, and the training reader (caption_source auto) takes the dense ones."""
+    from training.dataset import read_dataset
+
+    data = tmp_path / "data"
+    for path in write_images(data, 3):
+        path.with_suffix(".txt").write_text(f"my photo {path.stem}\n")
+    with FakeOpenAIServer(FakeServerSettings()) as server:
+        session, status, _ = start_job(
+            None, _values(data, server.base_url, sidecar_extension=".lens.txt"), tmp_path / "app"
+        )
+        text, *_ = _wait_until_finished(session)
+    assert text.startswith("**finished**: 3 / 3 images, 3 captioned"), text
+    for index in range(3):
+        assert (data / f"img{index:03d}.txt").read_text() == f"my photo img{index:03d}\n"
+        assert len((data / f"img{index:03d}.lens.txt").read_text().split()) > 20
+    dataset = read_dataset(data)
+    assert dataset.caption_source == ".lens.txt" and len(dataset.items) == 3
+    assert all(item.caption == (data / f"{item.key}.lens.txt").read_text().strip() for item in dataset.items)
 
 
 def test_demo_model_runs_through_the_tab(tmp_path, tiny_model):

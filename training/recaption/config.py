@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lens_core.image_io import DEFAULT_MAX_PIXELS
+from lens_core.image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 from ..typed_config import apply_values, check_fields, coerce_fields, setting
 from .templates import PRESETS, check_template
@@ -27,6 +27,9 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
 LENS_CAPTION_WORDS = 109
 LENS_TEXT_TOKEN_LIMIT = 415
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SIDECAR_EXTENSION = re.compile(r"(\.[A-Za-z0-9_-]+)+")
+# A sidecar with one of these endings would overwrite an image (photo.jpg's caption in photo.jpg) or a dataset file.
+_NOT_SIDECARS = (*IMAGE_EXTENSIONS, ".json", ".jsonl", ".parquet", ".tar", ".yaml", ".yml")
 
 
 @dataclass
@@ -138,8 +141,13 @@ class RecaptionConfig:
             raise ValueError(
                 "api_key_env must be the NAME of an environment variable (letters, digits, _), not the key itself"
             )
-        if not self.sidecar_extension.startswith(".") or "/" in self.sidecar_extension or self.sidecar_extension == ".":
-            raise ValueError(f"sidecar_extension={self.sidecar_extension!r} must start with '.' and hold no '/'")
+        extension = self.sidecar_extension
+        if not _SIDECAR_EXTENSION.fullmatch(extension) or extension.lower().endswith(_NOT_SIDECARS):
+            raise ValueError(
+                f"sidecar_extension={extension!r} must be dot-separated letters, digits, _ or - (such as .txt, "
+                f".lens.txt or .caption), and not end in an image or dataset extension ({', '.join(_NOT_SIDECARS)}): "
+                "a caption written in place would overwrite that file"
+            )
         if not (
             self.caption_source in ("auto", "metadata.jsonl")
             or (self.caption_source.startswith(".") and "/" not in self.caption_source)
