@@ -25,6 +25,7 @@ def main() -> None:
     engine.load_in_background()
     hosting = Hosting.from_settings(settings)  # personal or shared: whose workspace, who may change the model
     logging.getLogger("app").info("%s", hosting.mode.banner())
+    hosting.start_expiring_anonymous_workspaces()  # shared mode: idle anonymous workspaces do not pile up
     demo = build_ui(engine, settings, hosting)
     demo.queue(**queue_options(settings, hosting)).launch(**launch_options(settings, hosting))
 

@@ -7,6 +7,10 @@ affect everyone. The mode itself is decided in one place, `AppSettings.hosting_m
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +21,9 @@ from app.queue_control import QueueControl
 from app.settings import AppSettings, HostingMode
 from app.uploads import UploadLimits
 from app.workspace import Workspace, Workspaces
+
+logger = logging.getLogger(__name__)
+EXPIRY_INTERVAL_S = 3600.0  # how often idle anonymous workspaces are looked for
 
 
 @dataclass
@@ -32,6 +39,8 @@ class Hosting:
     shared_gallery: bool = False
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
     queue: QueueControl = field(default_factory=QueueControl)
+    workspace_limit_bytes: int = 0  # `shared`: most bytes one workspace may hold (0: no limit)
+    anonymous_days: float = 0.0  # `shared`: anonymous workspaces idle this long are deleted (0: kept)
 
     @classmethod
     def from_settings(cls, settings: AppSettings) -> Hosting:
@@ -45,6 +54,8 @@ class Hosting:
             allow_training=settings.allow_training or not mode.shared,
             shared_gallery=settings.shared_gallery and mode.shared,
             upload_limits=UploadLimits(max_total_bytes=settings.upload_limit_bytes),
+            workspace_limit_bytes=settings.workspace_limit_bytes if mode.shared else 0,
+            anonymous_days=settings.anonymous_days if mode.shared else 0.0,
         )
 
     @classmethod
@@ -70,6 +81,46 @@ class Hosting:
         login = getattr(request, "username", None) if request is not None else None
         session = getattr(request, "session_hash", None) if request is not None else None
         return self.workspaces.for_caller(login, session)
+
+    def room_bytes(self, workspace: Workspace) -> int | None:
+        """What `workspace` has left under its quota (None: no quota, as in personal mode)."""
+        if not self.workspace_limit_bytes or not workspace.confined:
+            return None
+        return self.workspace_limit_bytes - workspace.used_bytes()
+
+    def upload_limits_for(self, workspace: Workspace) -> UploadLimits:
+        """The upload caps for one caller: the server's, and no more than their workspace has room for."""
+        return dataclasses.replace(self.upload_limits, room_bytes=self.room_bytes(workspace))
+
+    def require_room(self, workspace: Workspace, action: str) -> None:
+        """Refuse `action` (it writes into the workspace) when the workspace is at its quota."""
+        room = self.room_bytes(workspace)
+        if room is not None and room <= 0:
+            limit = self.workspace_limit_bytes / 1024**3
+            raise gr.Error(
+                f"Your workspace is full (it holds {(self.workspace_limit_bytes - room) / 1024**3:.2f} GiB; the "
+                f"limit is {limit:.2f} GiB), so {action} cannot start: delete images (Gallery) or datasets "
+                "(Recaption tab) first.",
+                title="Workspace full",
+            )
+
+    def start_expiring_anonymous_workspaces(self, interval_s: float = EXPIRY_INTERVAL_S) -> threading.Thread | None:
+        """In shared mode with `anonymous_days`, delete idle anonymous workspaces now and then every `interval_s`,
+        in a daemon thread (returned; None when there is nothing to expire)."""
+        if not self.shared or not self.anonymous_days:
+            return None
+
+        def run() -> None:
+            while True:
+                try:
+                    self.workspaces.expire_anonymous(self.anonymous_days)
+                except OSError as error:  # a disk problem must not end the server; the next round tries again
+                    logger.warning("Could not expire anonymous workspaces: %s", error)
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=run, name="lens-workspace-expiry", daemon=True)
+        thread.start()
+        return thread
 
     def is_admin(self, request: gr.Request | None) -> bool:
         """Personal mode: the person at the machine. Shared mode: the logins named with --admin."""

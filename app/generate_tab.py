@@ -587,10 +587,13 @@ def _start_job(state: SessionState) -> SessionState:
 
 
 def job_place(hosting: Hosting, request: gr.Request | None) -> JobPlace:
-    """The caller's workspace and rights, and a check that their client is still connected."""
+    """The caller's workspace and rights, and a check that their client is still connected. A workspace at its
+    quota (shared mode) is refused here, before any GPU work."""
     event_id = hosting.queue.current_event_id()
+    workspace = hosting.workspace(request)
+    hosting.require_room(workspace, "a new image")
     return JobPlace(
-        workspace=hosting.workspace(request).root,
+        workspace=workspace.root,
         allow_model_reload=hosting.is_admin(request),
         still_wanted=lambda: hosting.queue.still_wanted(event_id),
     )

@@ -30,12 +30,14 @@ from app.uploads import (
     IMAGE_SUFFIXES,
     UploadError,
     UploadLimits,
+    delete_dataset,
     discard_temporary_upload,
     extract_dataset_zip,
     list_datasets,
     new_upload_folder,
     save_dataset_files,
 )
+from app.workspace import WorkspaceError
 from lens_core.image_io import BadImageError, load_image
 from training.jobs import Job, start_recaption
 from training.recaption.config import BACKENDS, OUTPUT_FORMATS, PRECISIONS, RecaptionConfig
@@ -401,7 +403,9 @@ def _dataset_widgets(hosting: Hosting, widgets: dict) -> gr.File:
             type="filepath",
             scale=1,
         )
-    if not hosting.shared:
+    if hosting.shared:
+        widgets["_delete"] = gr.Button("Delete this dataset", variant="stop", size="sm", elem_id="delete-dataset")
+    else:
         widgets["output_dir"] = gr.Textbox(label="Output folder (empty: sidecars next to the images)")
     return upload
 
@@ -442,14 +446,15 @@ def _settings_widgets(hosting: Hosting) -> dict[str, gr.components.Component]:
                 8, 1024, value=defaults.max_new_tokens, step=8, label="Max new tokens"
             )
             widgets["formats"] = gr.CheckboxGroup(list(OUTPUT_FORMATS), value=defaults.formats, label="Outputs")
-            widgets["sidecar_extension"] = gr.Textbox(
-                value=defaults.sidecar_extension,
-                label="Sidecar extension (.lens.txt keeps the alt-text .txt files; training reads the new captions)",
-            )
             widgets["overwrite"] = gr.Checkbox(value=False, label="Overwrite existing captions")
         widgets["prompt"] = gr.Textbox(
             label="Custom prompt (optional; variables {original_caption} {hint} {tags} {file_name} {folder} {target_words})",
             lines=3,
+        )
+        # Last, so that API callers passing the settings by position keep their order.
+        widgets["sidecar_extension"] = gr.Textbox(
+            value=defaults.sidecar_extension,
+            label="Sidecar extension (.lens.txt keeps the alt-text .txt files; training reads the new captions)",
         )
     widgets["template"].change(
         lambda name: PRESETS[name].target_words, widgets["template"], widgets["target_words"], api_name=False
@@ -471,6 +476,7 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
     state = gr.State(None)
     widgets = _settings_widgets(hosting)
     upload = widgets.pop("_upload")
+    delete_button = widgets.pop("_delete", None)
     # One fixed order (state, then the settings by field name) so API callers see stable parameters; handlers
     # turn the values back into a dict by name instead of unpacking dozens of positional arguments.
     setting_names = list(widgets)
@@ -542,18 +548,21 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
 
     def on_upload(current: RecaptionSession | None, files, request: gr.Request) -> tuple:
         session, root = place(request, current)
-        uploads_root = hosting.workspace(request).root if hosting.shared else root
-        folder = extract_zip(files, uploads_root, session, hosting.upload_limits)
+        workspace = hosting.workspace(request)
+        uploads_root = workspace.root if hosting.shared else root
+        folder = extract_zip(files, uploads_root, session, hosting.upload_limits_for(workspace))
         if hosting.shared:
             return session, *dataset_choices(request, Path(folder).name)
         return session, folder
 
     def on_start(request: gr.Request, *values: Any) -> tuple:
         session, named, root = by_name(request, values)
+        hosting.require_room(hosting.workspace(request), "a recaption run")
         return start_job(session, named, root)
 
     def on_resume(request: gr.Request, *values: Any) -> tuple:
         session, named, root = by_name(request, values)
+        hosting.require_room(hosting.workspace(request), "a recaption run")
         return start_job(session, named, root, resume=True)
 
     def on_preview(request: gr.Request, *values: Any) -> tuple:
@@ -572,6 +581,20 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
     def refresh_choices(current, request: gr.Request):
         return gr.update(choices=list(list_datasets(hosting.workspace(request).uploads)), value=current)
 
+    def on_delete(current: RecaptionSession | None, name, request: gr.Request) -> tuple:
+        """Shared mode: delete one of the caller's uploaded datasets (the way to make room under the quota)."""
+        session, _root = place(request, current)
+        workspace = hosting.workspace(request)
+        if session.job is not None and session.job.running():
+            raise gr.Error("A recaption run of this session is running: stop it before deleting a dataset.")
+        try:
+            delete_dataset(workspace.uploads, name, workspace.resolve)
+        except (UploadError, WorkspaceError) as error:
+            raise gr.Error(str(error)) from None
+        names = list(list_datasets(workspace.uploads))
+        message = f"Deleted the dataset {name}."
+        return session, gr.update(choices=names, value=None), gr.update(choices=names, value=None), message
+
     def on_demo() -> tuple:
         if hosting.shared:
             message = "The offline demo backend is selected: its captions are random words, for trying the workflow."
@@ -585,6 +608,12 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
                 refresh_choices, [dropdown], [dropdown], api_visibility="private", queue=False, show_progress="hidden"
             )
         upload_outputs = [state, widgets["inputs"], review_folder]
+        delete_button.click(
+            on_delete,
+            [state, widgets["inputs"]],
+            [state, widgets["inputs"], review_folder, status],
+            api_name="recaption_delete_dataset",
+        )
         demo_outputs = [widgets["backend"], widgets["max_new_tokens"], status]
     else:
         upload_outputs = [state, widgets["inputs"]]

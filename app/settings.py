@@ -62,6 +62,8 @@ class AppSettings:
     shared_gallery: bool = False  # `shared` only: every visitor sees every workspace's images
     backends_file: Path | None = None  # server-configured recaption / rewriter backends (YAML)
     upload_limit_bytes: int = 2 * 1024**3  # most bytes one upload may unpack to
+    workspace_limit_bytes: int = 10 * 1024**3  # `shared` only: most bytes one workspace may hold (0: no limit)
+    anonymous_days: float = 14.0  # `shared` only: anonymous workspaces idle this long are deleted (0: kept)
     backends: ServerBackends | None = None  # from backends_file and the rewriter flags (parse_args fills it)
 
     def hosting_mode(self, environ: Mapping[str, str] | None = None) -> HostingMode:
@@ -177,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="Most gigabytes (GiB) one upload may hold, unpacked (default 2).",
     )
+    hosting.add_argument(
+        "--workspace-limit-gb",
+        type=float,
+        default=float(os.environ.get("LENS_WORKSPACE_LIMIT_GB") or 10),
+        help="In `shared` mode, most gigabytes (GiB) one visitor's workspace may hold: uploads that do not fit, "
+        "and images, recaption and training runs started when it is full, are refused (0: no limit; default 10; "
+        "or set LENS_WORKSPACE_LIMIT_GB).",
+    )
+    hosting.add_argument(
+        "--anonymous-days",
+        type=float,
+        default=float(os.environ.get("LENS_ANONYMOUS_DAYS") or 14),
+        help="In `shared` mode, delete an anonymous visitor's workspace after this many days without use (0: "
+        "keep them; default 14; or set LENS_ANONYMOUS_DAYS). Login workspaces are never deleted.",
+    )
     return parser
 
 
@@ -203,6 +220,17 @@ def parse_args(argv: list[str] | None = None) -> AppSettings:
             raise ValueError(f"--admin {', '.join(unknown)}: not a login of --auth / --auth-file / {AUTH_ENV}.")
         if not 0 < args.upload_limit_gb <= 1024:
             raise ValueError(f"--upload-limit-gb must be above 0 and at most 1024, got {args.upload_limit_gb}.")
+        if not 0 <= args.workspace_limit_gb <= 100_000:
+            raise ValueError(
+                f"--workspace-limit-gb must be 0 (no limit) or a positive size, got {args.workspace_limit_gb}."
+            )
+        if args.workspace_limit_gb and args.workspace_limit_gb < args.upload_limit_gb:
+            raise ValueError(
+                f"--workspace-limit-gb {args.workspace_limit_gb:g} is below --upload-limit-gb {args.upload_limit_gb:g}: "
+                "a full-size upload could never fit."
+            )
+        if not 0 <= args.anonymous_days <= 100_000:
+            raise ValueError(f"--anonymous-days must be 0 (keep) or a positive number, got {args.anonymous_days}.")
         backends_file = Path(args.backends) if args.backends else None
         if backends_file is not None and not backends_file.is_file():
             raise ValueError(f"--backends {backends_file}: no such file.")
@@ -225,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> AppSettings:
         shared_gallery=args.shared_gallery,
         backends_file=backends_file,
         upload_limit_bytes=int(args.upload_limit_gb * 1024**3),
+        workspace_limit_bytes=int(args.workspace_limit_gb * 1024**3),
+        anonymous_days=args.anonymous_days,
     )
     try:
         settings.server_backends()

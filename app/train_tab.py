@@ -289,6 +289,7 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
 
     def on_start(request: gr.Request, *values):
         hosting.require_training()
+        hosting.require_room(hosting.workspace(request), "a training run")
         try:
             train = checked_request(values, request)
             folder = run_folder(runs_root(request), train.run_name)
@@ -306,6 +307,7 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
 
     def on_resume(run: str, folder: str, request: gr.Request):
         hosting.require_training()
+        hosting.require_room(hosting.workspace(request), "a training run")
         try:
             folder = folder or str(run_folder(runs_root(request), run))
             resume_training(folder)

@@ -16,6 +16,7 @@ import stat
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -43,6 +44,21 @@ class UploadLimits:
     max_name_chars: int = 512  # a whole member path
     max_part_chars: int = 255  # one folder or file name
     min_free_bytes: int = 1024**3  # disk space left free after unpacking
+    room_bytes: int | None = None  # what the caller's workspace has left under its quota (None: no quota)
+
+    def most_bytes(self) -> int:
+        """The most one upload may unpack to now: the per-upload cap, or the workspace's room if smaller."""
+        return self.max_total_bytes if self.room_bytes is None else min(self.max_total_bytes, self.room_bytes)
+
+    def check_total(self, total: int, what: str) -> None:
+        """UploadError when `what` (which unpacks to `total` bytes) is over the upload cap or the workspace's room."""
+        if total > self.max_total_bytes:
+            raise UploadError(f"{what} {_gib(total)}; the limit is {_gib(self.max_total_bytes)}.")
+        if self.room_bytes is not None and total > self.room_bytes:
+            raise UploadError(
+                f"{what} {_gib(total)}, but your workspace has only {_gib(max(self.room_bytes, 0))} left: delete "
+                "datasets (Recaption tab) or images (Gallery) first."
+            )
 
 
 @dataclass
@@ -116,8 +132,7 @@ def _plan_zip(archive: zipfile.ZipFile, limits: UploadLimits, destination_parent
         members.append(info)
     total = sum(info.file_size for info in members)
     packed = sum(info.compress_size for info in members)
-    if total > limits.max_total_bytes:
-        raise UploadError(f"The zip unpacks to {_gib(total)}; the limit is {_gib(limits.max_total_bytes)}.")
+    limits.check_total(total, "The zip unpacks to")
     if total > SMALL_MEMBER_BYTES and total > limits.max_ratio * max(packed, 1):
         raise UploadError(
             f"The zip unpacks {total / max(packed, 1):.0f} times larger than it is packed; the limit is "
@@ -183,8 +198,8 @@ def extract_dataset_zip(zip_path: str | Path, destination: Path, limits: UploadL
                     total += _stream_member(archive, info, target)
                 except FileExistsError:
                     raise UploadError(f"The zip holds {info.filename!r} twice.") from None
-                if total > limits.max_total_bytes:
-                    raise UploadError(f"The zip unpacks to more than {_gib(limits.max_total_bytes)}.")
+                if total > limits.most_bytes():  # the directory understated a member's size
+                    raise UploadError(f"The zip unpacks to more than {_gib(limits.most_bytes())}.")
             staging.rename(destination)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError) as error:
             shutil.rmtree(staging, ignore_errors=True)
@@ -215,8 +230,7 @@ def save_dataset_files(paths: list[str | Path], destination: Path, limits: Uploa
     if not kept:
         raise UploadError(f"No images among the uploaded files; allowed: {', '.join(IMAGE_SUFFIXES)}.")
     total = sum(path.stat().st_size for path in kept)
-    if total > limits.max_total_bytes:
-        raise UploadError(f"The files hold {_gib(total)}; the limit is {_gib(limits.max_total_bytes)}.")
+    limits.check_total(total, "The files hold")
     _check_free_space(destination.parent, total, limits)
     staging = _staging_folder(destination)
     try:
@@ -241,6 +255,18 @@ def list_datasets(uploads: Path) -> dict[str, Path]:
         return {}
     folders = [path for path in uploads.iterdir() if path.is_dir() and not path.name.startswith(".")]
     return {path.name: path for path in sorted(folders, key=lambda path: path.stat().st_mtime, reverse=True)}
+
+
+def delete_dataset(uploads: Path, name, inside: Callable[[Path], Path]) -> None:
+    """Delete the uploaded dataset `name` (one of `list_datasets(uploads)`, nothing else); `inside` resolves the
+    folder and refuses one outside the caller's workspace (`Workspace.resolve`)."""
+    datasets = list_datasets(uploads)
+    if not isinstance(name, str) or name not in datasets:
+        raise UploadError(f"{name!r} is not one of your datasets; yours: {', '.join(datasets) or 'none yet'}.")
+    folder = inside(datasets[name])
+    if folder.parent != Path(inside(uploads)) or folder.is_symlink():
+        raise UploadError(f"{name!r} is not one of your datasets.")
+    shutil.rmtree(folder)
 
 
 def new_upload_folder(uploads: Path) -> Path:

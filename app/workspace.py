@@ -9,13 +9,17 @@ resolved (`realpath`, so symlinks too) and must lie inside the caller's workspac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import re
 import secrets
+import shutil
+import stat
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,31 @@ USERS_SUBDIR = "users"
 SECRET_FILE = ".lens-workspace-secret"  # in the output folder, mode 0600: signs anonymous workspace ids
 MAX_REMEMBERED_SESSIONS = 50_000  # anonymous sessions whose workspace is remembered in memory (oldest forgotten)
 _ANONYMOUS_ID = re.compile(r"anon-[0-9a-f]{32}")
+
+
+def folder_bytes(root: Path) -> int:
+    """Bytes held by the files under `root`: links are not followed, and a file hard-linked twice counts once."""
+    total, seen = 0, set()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:  # removed while we walked
+                continue
+            if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
+    return total
+
+
+def newest_change(root: Path) -> float:
+    """The latest modification time of `root` or anything under it (a running job keeps it recent)."""
+    newest = os.lstat(root).st_mtime
+    for folder, folders, files in os.walk(root):
+        for name in (*folders, *files):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+    return newest
 
 
 class WorkspaceError(ValueError):
@@ -71,6 +100,10 @@ class Workspace:
                 "and runs can be used."
             )
         return resolved
+
+    def used_bytes(self) -> int:
+        """What the workspace holds on disk (its quota counts this)."""
+        return folder_bytes(self.root)
 
     def child(self, *names: str) -> Path:
         """A path under the workspace built from plain names (no separators, no '..'), resolved and checked."""
@@ -130,6 +163,7 @@ class Workspaces:
     def _workspace(self, folder: str, owner: str) -> Workspace:
         root = self.users_root / folder
         root.mkdir(parents=True, exist_ok=True)
+        os.utime(root)  # its last use: what `expire_anonymous` goes by
         return Workspace(Path(os.path.realpath(root)), owner, confined=True)
 
     def for_login(self, login: str) -> Workspace:
@@ -194,6 +228,27 @@ class Workspaces:
                     self._remember(session, folder)
                 return token
         return self.token_for(self.for_session(session))
+
+    def expire_anonymous(self, max_idle_days: float, now: float | None = None) -> list[str]:
+        """Delete the anonymous workspaces nobody has used, and nothing has changed in, for `max_idle_days` (a
+        login's workspace is never deleted); return their names. A returning browser then gets a fresh one."""
+        if not self.shared or not self.users_root.is_dir():
+            return []
+        cutoff = (time.time() if now is None else now) - max_idle_days * 86400
+        removed = []
+        for root in sorted(self.users_root.iterdir()):
+            if not _ANONYMOUS_ID.fullmatch(root.name) or root.is_symlink() or not root.is_dir():
+                continue
+            if root.stat().st_mtime >= cutoff or newest_change(root) >= cutoff:
+                continue
+            with self._lock:
+                for session in [key for key, folder in self._sessions.items() if folder == root.name]:
+                    del self._sessions[session]
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root.name)
+        if removed:
+            logger.info("Removed %d anonymous workspace(s) idle for over %g days.", len(removed), max_idle_days)
+        return removed
 
     def all_image_folders(self) -> list[Path]:
         """Every workspace's images folder (for `--shared-gallery`)."""

@@ -16,8 +16,8 @@ from .conftest import CANARY_ENV, ENDPOINT_KEY_ENV
 # Every dependency of the shared page, by api_name (private events: Gradio names them after their function), with
 # the labels of its inputs (States excluded; text in parentheses dropped). A change here is a security review.
 RECAPTION = ["Dataset", "Backend", "Template", "Target words", "Concurrent requests", "Batch size", "Precision",
-             "Max new tokens", "Outputs", "Sidecar extension", "Overwrite existing captions",
-             "Custom prompt"]  # fmt: skip
+             "Max new tokens", "Outputs", "Overwrite existing captions", "Custom prompt",
+             "Sidecar extension"]  # fmt: skip
 GENERATE_FORM = ["Prompt", "Negative prompt", "Rewritten prompt", "Generate with the rewritten prompt", "Variant",
                  "Width", "Height", "Steps", "Guidance", "Seed", "Seed value", "Batch count", "Batch size", "LoRA 1",
                  "Weight", "LoRA 2", "Weight", "LoRA 3", "Weight"]  # fmt: skip
@@ -68,6 +68,7 @@ ALLOWED = {
     "refresh_choices": ["Dataset"],
     "refresh_choices_1": ["Dataset to review"],
     "recaption_upload_zip": ["...or upload a zip or images"],
+    "recaption_delete_dataset": ["Dataset"],  # a dataset *name* from the caller's own uploads
     "recaption_preview": RECAPTION,
     "recaption_start": RECAPTION,
     "recaption_resume": RECAPTION,

@@ -8,6 +8,7 @@ import io
 import os
 import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from app.backends import load_backends
 from app.login_throttle import LoginThrottle
 from app.settings import AppSettings, parse_args
 from app.train_tab import TrainRequest, shared_setting_keys
-from app.uploads import UploadError, UploadLimits, extract_dataset_zip, save_dataset_files
-from app.workspace import WorkspaceError, Workspaces, user_folder_name
+from app.uploads import UploadError, UploadLimits, delete_dataset, extract_dataset_zip, save_dataset_files
+from app.workspace import WorkspaceError, Workspaces, folder_bytes, user_folder_name
 from lens_core.engine import MAX_SEED, EngineConfig, GenerationCancelled, GenerationRequest, LensEngine
 from lens_core.rewriter import RewriterSettings
 
@@ -298,3 +299,93 @@ def test_gradio_cleans_its_temporary_copies(tmp_path):
     assert demo.delete_cache == DELETE_CACHE == (600, 3600)
     assert "allowed_paths" not in launch_options(settings, hosting)  # no output folder is served by path
     assert queue_options(settings, hosting)["api_open"] is False
+
+
+def test_a_workspace_quota_caps_uploads_and_a_refused_upload_leaves_nothing(tmp_path):
+    """An upload must fit in what the caller's workspace has left (zip directory and loose files alike); the message
+    says how much is left and how to make room."""
+    archive = _zip(tmp_path / "in.zip", {"a.png": b"x" * 5000, "b.png": b"y" * 5000})
+    with pytest.raises(UploadError, match=r"but your workspace has only 0.00 GiB left: delete datasets"):
+        extract_dataset_zip(archive, tmp_path / "uploads" / "set", UploadLimits(room_bytes=9000))
+    (tmp_path / "big.png").write_bytes(b"z" * 5000)
+    with pytest.raises(UploadError, match="your workspace has only"):
+        save_dataset_files([tmp_path / "big.png"], tmp_path / "uploads" / "loose", UploadLimits(room_bytes=-10))
+    assert not (tmp_path / "uploads").exists() or not list((tmp_path / "uploads").iterdir())
+    assert extract_dataset_zip(archive, tmp_path / "uploads" / "ok", UploadLimits(room_bytes=10_000)).files == 2
+
+
+def test_the_quota_counts_files_once_and_never_through_links(tmp_path):
+    root = tmp_path / "ws"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "one.bin").write_bytes(b"x" * 1000)
+    os.link(root / "a" / "one.bin", root / "a" / "same.bin")  # recaption links images into an output folder
+    (tmp_path / "outside.bin").write_bytes(b"y" * 50_000)
+    (root / "link.bin").symlink_to(tmp_path / "outside.bin")
+    (root / "dir-link").symlink_to(tmp_path)
+    assert folder_bytes(root) == 1000
+
+
+def test_quota_refuses_work_in_a_full_workspace_only_in_shared_mode(tmp_path):
+    import gradio as gr
+
+    from app.access import Hosting
+
+    settings = AppSettings(output_dir=tmp_path, shared=True, workspace_limit_bytes=4000)
+    hosting = Hosting.from_settings(settings)
+    workspace = hosting.workspaces.for_login("ann")
+    assert hosting.room_bytes(workspace) == 4000 and hosting.upload_limits_for(workspace).room_bytes == 4000
+    (workspace.images).mkdir()
+    (workspace.images / "x.png").write_bytes(b"x" * 4000)
+    with pytest.raises(gr.Error, match=r"Your workspace is full .* so a new image cannot start: delete images"):
+        hosting.require_room(workspace, "a new image")
+    personal = Hosting.personal(tmp_path / "mine")
+    assert personal.room_bytes(personal.workspaces.personal()) is None  # the person at the machine has no quota
+    personal.require_room(personal.workspaces.personal(), "a new image")
+
+
+def test_quota_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--workspace-limit-gb", "1", "--upload-limit-gb", "2"])
+    assert "a full-size upload could never fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--anonymous-days", "-1"])
+    assert "--anonymous-days must be 0" in capsys.readouterr().err
+    settings = parse_args(["--workspace-limit-gb", "0", "--anonymous-days", "0"])
+    assert settings.workspace_limit_bytes == 0 and settings.anonymous_days == 0
+
+
+def test_idle_anonymous_workspaces_expire_and_login_workspaces_never_do(tmp_path):
+    workspaces = Workspaces(tmp_path, shared=True)
+    idle = workspaces.for_session("s-idle")
+    busy = workspaces.for_session("s-busy")  # old folder, but a job wrote a file in it recently
+    recent = workspaces.for_session("s-recent")
+    login = workspaces.for_login("ann")
+    (busy.root / "training").mkdir()
+    (busy.root / "training" / "progress.jsonl").write_text("{}\n")
+    (idle.root / "images").mkdir()
+    (idle.root / "images" / "a.png").write_bytes(b"x")
+    old = time.time() - 20 * 86400
+    for path in (idle.root, idle.root / "images", idle.root / "images" / "a.png", busy.root, login.root):
+        os.utime(path, (old, old))
+    assert workspaces.expire_anonymous(14) == [idle.root.name]
+    assert not idle.root.exists() and busy.root.exists() and recent.root.exists() and login.root.exists()
+    fresh = workspaces.for_session("s-idle")  # the browser comes back: a new, empty workspace
+    assert fresh.root != idle.root and not any(fresh.root.iterdir())
+    assert Workspaces(tmp_path / "personal", shared=False).expire_anonymous(0) == []
+
+
+def test_a_visitor_deletes_only_their_own_uploaded_datasets(tmp_path):
+    workspace = Workspaces(tmp_path, shared=True).for_login("ann")
+    (workspace.uploads / "upload-1").mkdir(parents=True)
+    (workspace.uploads / "upload-1" / "a.png").write_bytes(_png())
+    outside = tmp_path / "server-data"
+    outside.mkdir()
+    (outside / "keep.png").write_bytes(_png())
+    (workspace.uploads / "linked").symlink_to(outside)
+    for name, message in (("../images", "not one of your datasets"), ("linked", "outside your workspace"),
+                          ({"x": 1}, "not one of your datasets"), ("", "not one of your datasets")):  # fmt: skip
+        with pytest.raises((UploadError, WorkspaceError), match=message):
+            delete_dataset(workspace.uploads, name, workspace.resolve)
+    assert (outside / "keep.png").exists()
+    delete_dataset(workspace.uploads, "upload-1", workspace.resolve)
+    assert not (workspace.uploads / "upload-1").exists()

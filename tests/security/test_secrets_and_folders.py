@@ -54,7 +54,8 @@ def test_recaption_never_sends_a_secret_to_a_client_url(login_app, space_app, tm
             outcome = raw.call(api_name, legacy_recaption(dataset, tmp_path / "out", app.listener.url))
             assert not outcome.success and outcome.error, (api_name, outcome)
             # Today's layout with a URL in every text setting: still no endpoint but the server's.
-            current = [None, app.listener.url, app.listener.url, "dense", 100, 1, 1, "auto", 64, ["sidecar"], False, ""]
+            current = [None, app.listener.url, app.listener.url, "dense", 100, 1, 1, "auto", 64, ["sidecar"], False, "",
+                       ".txt"]  # fmt: skip
             outcome = raw.call(api_name, current)
             assert refused(outcome, "Pick one of your uploaded datasets", "not in the list of choices")
         outcome = raw.call("rewrite_prompt", ["a fox", app.listener.url])

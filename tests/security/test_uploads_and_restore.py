@@ -11,12 +11,14 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
-from gradio_client import handle_file
+from app_server_support import running_app, wait_until_ready
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
 
-from app.workspace import user_folder_name
+from app.workspace import folder_bytes, user_folder_name
 
 MIB = 1024**2
 
@@ -151,3 +153,46 @@ def test_an_ordinary_lens_png_still_restores(bob, tmp_path):
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     values = bob.predict(handle_file(str(path)), api_name="/restore_settings")
     assert (values[0], values[4], values[5], values[9]) == ("a teapot", 832, 1248, 5)
+
+
+def noise_zip(path: Path, side: int, seed: int) -> Path:
+    """A zip holding one incompressible PNG of about side * side * 3 bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("set/noise.png", buffer.getvalue())
+    return path
+
+
+def test_a_workspace_quota_refuses_what_does_not_fit_until_the_visitor_deletes(tmp_path):
+    """Repeated uploads and images cannot fill the server's disk: with `--workspace-limit-gb`, an upload that does
+    not fit and work started in a full workspace are refused with a message saying how to make room, and deleting
+    one's own dataset (Recaption tab) makes room again."""
+    limit = int(0.0005 * 1024**3)  # 512 KiB, and uploads of at most 0.0004 GiB (about 410 KiB)
+    flags = ("--shared", "--workspace-limit-gb", "0.0005", "--upload-limit-gb", "0.0004")
+    with running_app(tmp_path, *flags) as (url, output_dir):
+        client = Client(url, verbose=False)
+        wait_until_ready(client)
+        first = client.predict(
+            [handle_file(str(noise_zip(tmp_path / "a.zip", 330, 0)))], api_name="/recaption_upload_zip"
+        )
+        (workspace,) = (output_dir / "users").iterdir()
+        before = tree(workspace)
+        with pytest.raises(AppError, match="but your workspace has only .* left: delete datasets"):
+            client.predict([handle_file(str(noise_zip(tmp_path / "b.zip", 330, 1)))], api_name="/recaption_upload_zip")
+        assert tree(workspace) == before  # nothing of the refused upload
+
+        job = {"prompt": "fill", "width": 128, "height": 128, "num_inference_steps": 1, "batch_size": 4}
+        for seed in range(20):  # images until the workspace is at its limit
+            if folder_bytes(workspace) >= limit:
+                break
+            client.predict(**job, seed=seed, api_name="/generate")
+        assert folder_bytes(workspace) >= limit
+        with pytest.raises(AppError, match="Your workspace is full .* so a new image cannot start"):
+            client.predict(**job, seed=99, api_name="/generate")
+
+        client.predict(first[0]["value"], api_name="/recaption_delete_dataset")
+        assert not list((workspace / "uploads").iterdir())
+        files, _ = client.predict(**job, seed=99, api_name="/generate")
+        assert len(files) == 4
