@@ -460,32 +460,11 @@ def fit_problem(
     )
 
 
-def check_fits_device(
-    config: TrainConfig, device: torch.device, transformer_config: dict | None = None, vae_config: dict | None = None
-) -> None:
-    """On CUDA: refuse a config whose simulated need exceeds the card, naming the preset that fits.
-    `transformer_config` / `vae_config`: the loaded models' configs (a model other than the real Lens is simulated
-    as it is)."""
-    if device.type != "cuda":
-        return
-    total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
-    problem = fit_problem(config, total_gib, transformer_config, vae_config)
-    if problem:
-        raise ValueError(problem)
-    peak = training_peak(config, transformer_config, vae_config)
-    logger.info(
-        "Simulated peak %.1f GiB (%.1f GiB with the CUDA margin) fits the %.1f GiB GPU",
-        peak.peak_gib,
-        peak.card_gib,
-        total_gib,
-    )
-
-
-def detected_gpu_gib() -> float | None:
-    """Total memory of the first CUDA GPU in GiB, None without one."""
+def detected_gpu_gib(index: int = 0) -> float | None:
+    """Total memory of CUDA GPU `index` in GiB, None without one."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(0).total_memory / GIB
+    return torch.cuda.get_device_properties(index).total_memory / GIB
 
 
 def preset_suggestion(total_gib: float | None, default: str = "16gb", adapters_only: bool = False) -> tuple[str, str]:

@@ -1,10 +1,12 @@
 """Everything a training run can check before it loads a model, in seconds: the output folder is writable, the
 resume target exists, the options fit this machine, the base model is where it is said to be, and the dataset is
-readable, captioned and mostly decodable (bad images are listed in `<output_dir>/data_report.json` and skipped).
+readable, captioned and mostly decodable (bad images are listed in `<output_dir>/data_report.json` and skipped),
+and, on a GPU, that the simulated peak of this config fits the card (`training.memory_estimate`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from .base_precision import QUANTIZED_BASES
 from .checkpoint import resolve_resume
 from .config import TrainConfig
 from .data import DataPlan, inspect_dataset
+from .memory_estimate import fit_problem, training_peak
 
 logger = logging.getLogger(__name__)
 DATA_REPORT = "data_report.json"
@@ -83,13 +86,51 @@ def check_model_source(config: TrainConfig) -> None:
         raise ValueError(f"model.transformer_file {config.model.transformer_file} does not exist.")
 
 
-def run_preflight(config: TrainConfig, resume: str | None) -> Preflight:
-    """All checks, in the order of their cost; writes the dataset report. Raises ValueError on the first problem."""
+def component_configs(path: str) -> tuple[dict | None, dict | None]:
+    """The denoiser's and the VAE's config.json, read without loading a weight: from a local folder, 'tiny' (built
+    once in the cache) or a Hub id already in the local cache; None for what is not here yet (then the real Lens is
+    what gets simulated, which is what an official repo holds)."""
+    from lens_core.loading import CheckpointError, resolve_checkpoint
+
+    try:
+        folder, _ = resolve_checkpoint(path, local_files_only=True)
+    except (CheckpointError, OSError, ValueError):
+        return None, None
+
+    def read(component: str) -> dict | None:
+        file = folder / component / "config.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+
+    return read("transformer"), read("vae")
+
+
+def check_memory_fit(config: TrainConfig, gpu_gib: float | None) -> None:
+    """On a GPU of `gpu_gib` GiB (None: no GPU, nothing to check): refuse a config whose simulated peak does not fit,
+    naming the preset that does, before the model is loaded and the features cached."""
+    if gpu_gib is None:
+        return
+    transformer_config, vae_config = component_configs(config.model.path)
+    problem = fit_problem(config, gpu_gib, transformer_config, vae_config)
+    if problem:
+        raise ValueError(problem)
+    peak = training_peak(config, transformer_config, vae_config)
+    logger.info(
+        "Simulated peak %.1f GiB (%.1f GiB with the CUDA margin) fits the %.1f GiB GPU",
+        peak.peak_gib,
+        peak.card_gib,
+        gpu_gib,
+    )
+
+
+def run_preflight(config: TrainConfig, resume: str | None, gpu_gib: float | None = None) -> Preflight:
+    """All checks, in the order of their cost; writes the dataset report. Raises ValueError on the first problem.
+    `gpu_gib`: the memory of the GPU this process trains on (None: a CPU run)."""
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir)
     checkpoint = resolve_resume(output_dir, resume)
     check_device_options(config)
     check_model_source(config)
+    check_memory_fit(config, gpu_gib)
     plan = inspect_dataset(config.data, report_path=output_dir / DATA_REPORT)
     report = plan.report
     logger.info(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 import warnings
@@ -33,7 +34,7 @@ from .checkpoint import checkpoint_step, load_checkpoint, restore_rng, rng_state
 from .config import TrainConfig
 from .data import DataPlan
 from .feature_cache import FeatureCache
-from .memory_estimate import check_fits_device
+from .memory_estimate import detected_gpu_gib
 from .preflight import run_preflight
 from .prepare import CachedItem, PreparedData, StopRequested, free_text_encoder, prepare_data
 from .run_log import RunLog
@@ -146,7 +147,6 @@ class LensTrainer:
             transformer_file=model.transformer_file,
         )
         self.pipe.vae.to(torch.float32)  # cached latents are encoded in float32
-        check_fits_device(self.config, self.device, dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
         cache_dir = self.config.data.cache_dir or self.output_dir / "cache"
         self.cache = FeatureCache(cache_dir)
         self.data: PreparedData = prepare_data(
@@ -478,7 +478,8 @@ class LensTrainer:
     def run(self, resume: str | None = None) -> dict[str, str]:
         """Train to `loop.max_steps` (continuing from a checkpoint when `resume` is 'latest' or a path); returns the
         exported files, or {} when the run was stopped (then `self.stopped` is True)."""
-        checks = run_preflight(self.config, resume)  # seconds, before any model is loaded
+        # Seconds, before any model is loaded; the GPU is the one accelerate gives this process (LOCAL_RANK).
+        checks = run_preflight(self.config, resume, gpu_gib=detected_gpu_gib(int(os.environ.get("LOCAL_RANK", 0))))
         resume_step = checkpoint_step(checks.checkpoint) if checks.checkpoint is not None else None
         self.progress = RunLog(
             self.output_dir, self.config.loop.max_steps, self.config.monitor.tensorboard, resume_step=resume_step

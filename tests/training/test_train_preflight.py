@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from train_helpers import make_toy_dataset, tiny_overrides
 
 from training.config import build_config
@@ -154,3 +155,25 @@ def test_tensorboard_after_a_resume_shows_every_step_once(tmp_path):
     assert [s.step for s in scalars] == list(range(1, 11))
     assert scalars[6].value == pytest.approx(2.0 / 7)  # the redone step, not the old one
     assert [e["step"] for e in read_progress(tmp_path) if e["event"] == "step"] == list(range(1, 11))
+
+
+def test_a_config_that_does_not_fit_the_gpu_is_refused_before_any_weight_is_read(tiny_checkpoint, tmp_path):
+    """On a GPU the preflight compares the simulated peak of the config with the card, from the checkpoint's
+    config.json files alone (this folder has no weights at all), and names the preset that fits."""
+    from training.preflight import run_preflight
+
+    folder = tmp_path / "Lens-configs-only"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_bytes((tiny_checkpoint / "model_index.json").read_bytes())
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "LensTransformer2DModel"}))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(2):  # large enough for the preset's buckets
+        Image.new("RGB", (768, 768), (90 * index, 120, 200)).save(photos / f"p{index}.png")
+        (photos / f"p{index}.txt").write_text(f"a flat colour field number {index}")
+    values = {"preset": "24gb", "model.path": str(folder), "data.path": str(photos), "output_dir": str(tmp_path / "r")}
+    config = build_config({}, values)
+    with pytest.raises(ValueError, match=r"needs about 1\d\.\d GiB .* but the GPU has 12\.0 GiB: use --preset 12gb"):
+        run_preflight(config, None, gpu_gib=12.0)
+    assert run_preflight(config, None, gpu_gib=80.0).plan.report.usable > 0  # fits: the other checks go on
+    assert run_preflight(config, None, gpu_gib=None).plan.report.usable > 0  # no GPU: nothing to compare
