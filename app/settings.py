@@ -60,6 +60,7 @@ class AppSettings:
     admins: list[str] = field(default_factory=list)  # login names that may change the model in `shared`
     allow_training: bool = False  # `shared` only: let visitors start training runs
     shared_gallery: bool = False  # `shared` only: every visitor sees every workspace's images
+    train_base: str | None = None  # the Train tab's base model (None: Lens-Base, or tiny with the demo model)
     backends_file: Path | None = None  # server-configured recaption / rewriter backends (YAML)
     upload_limit_bytes: int = 2 * 1024**3  # most bytes one upload may unpack to
     workspace_limit_bytes: int = 10 * 1024**3  # `shared` only: most bytes one workspace may hold (0: no limit)
@@ -167,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared-gallery", action="store_true", help="In `shared` mode, every visitor sees every visitor's images."
     )
     hosting.add_argument(
+        "--train-base",
+        default=os.environ.get("LENS_TRAIN_BASE") or None,
+        metavar="MODEL",
+        help="Base model of the Train tab's runs: Hub id, local folder or 'tiny' (default microsoft/Lens-Base, or "
+        "tiny when the app runs the demo model; or set LENS_TRAIN_BASE). Visitors of a `shared` server see its "
+        "name only and cannot change it.",
+    )
+    hosting.add_argument(
         "--backends",
         default=os.environ.get("LENS_BACKENDS") or None,
         metavar="FILE",
@@ -251,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> AppSettings:
         admins=admins,
         allow_training=args.allow_training,
         shared_gallery=args.shared_gallery,
+        train_base=args.train_base,
         backends_file=backends_file,
         upload_limit_bytes=int(args.upload_limit_gb * 1024**3),
         workspace_limit_bytes=int(args.workspace_limit_gb * 1024**3),

@@ -29,7 +29,7 @@ from app.access import Hosting
 from app.generate_tab import select_loras
 from app.serving import served_copy
 from app.uploads import list_datasets
-from lens_core.engine import EngineNotReady, list_loras
+from lens_core.engine import EngineNotReady, list_loras, public_model_name
 from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_NAMES, PRESETS, TrainConfig, parse_override
 from training.jobs import Job, TrainingStatus, resume_training, start_training, training_status
@@ -150,6 +150,13 @@ def preset_rank(name: str) -> int:
     return int(PRESETS.get(name, {}).get("adapter.rank", TrainConfig().adapter.rank))
 
 
+def without_server_paths(text: str, workspace_root: Path, base: str) -> str:
+    """A run's message as a shared server's visitor may read it: paths in their workspace relative to it, and the
+    server's base model by its name (a run's error can name either)."""
+    text = text.replace(str(workspace_root) + os.sep, "").replace(str(workspace_root), ".")
+    return text.replace(base, public_model_name(base)) if base else text
+
+
 def _status_markdown(folder: Path, status: TrainingStatus) -> str:
     lines = [f"**{folder.name}**: {status.state}, step {status.step} / {status.max_steps or '?'}"]
     if status.losses:
@@ -186,15 +193,19 @@ def _curve(status: TrainingStatus) -> pd.DataFrame | None:
     )
 
 
-def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = None, generate_tab=None) -> None:
+def build_train_tab(
+    output_root: Path, engine=None, hosting: Hosting | None = None, generate_tab=None, train_base: str | None = None
+) -> None:
     """Build the tab's widgets and events inside the caller's `with gr.Tab("Train"):`. With `engine` and
-    `generate_tab` (the Generate tab's components), "Load in Generate tab" hands the LoRA over to them."""
+    `generate_tab` (the Generate tab's components), "Load in Generate tab" hands the LoRA over to them. `train_base`:
+    the server's base model (`--train-base`); visitors of a shared server see its name only."""
     output_root = Path(output_root)
     hosting = hosting or Hosting.personal(output_root.parent)
     folder_state = gr.State("")
     # Lens-Base is the natural base; an app running the offline demo model trains that one by default.
     demo = engine is not None and getattr(engine, "model_label", None) == TINY_MODEL
-    base = TINY_MODEL if demo else VARIANTS["Lens-Base"].repo_ids[0]
+    base = train_base or (TINY_MODEL if demo else VARIANTS["Lens-Base"].repo_ids[0])
+    shown_base = public_model_name(base) if hosting.shared else base
     if hosting.shared and not hosting.allow_training:
         gr.Markdown("Training is off on this shared server; its admin can allow it with `--allow-training`.")
     with gr.Row():
@@ -203,7 +214,7 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
                 dataset = gr.Dropdown(
                     [], label="Dataset (your uploads, e.g. from the Recaption tab)", allow_custom_value=True
                 )
-                model = gr.Textbox(label="Base model (the server's)", value=base, interactive=False)
+                model = gr.Textbox(label="Base model (the server's)", value=shown_base, interactive=False)
             else:
                 dataset = gr.Textbox(label="Dataset folder", placeholder="images with .txt captions or metadata.jsonl")
                 model = gr.Textbox(label="Base model", value=base, info="Hub id, local folder, or 'tiny'")
@@ -265,7 +276,10 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
             # The LoRA's name in the caller's workspace (training/<run>/...), as the Generate tab lists it.
             lora = (Path("training") / Path(os.path.relpath(lora, Path(folder).parent))).as_posix()
         samples = [served_copy(path) for path in job_status.samples if Path(path).is_file()]
-        return _status_markdown(Path(folder), job_status), _curve(job_status), samples, lora
+        text = _status_markdown(Path(folder), job_status)
+        if hosting.shared:  # <workspace>/training/<run>: a failed run's message may name server folders
+            text = without_server_paths(text, Path(folder).resolve().parent.parent, base)
+        return text, _curve(job_status), samples, lora
 
     def runs_root(request: gr.Request | None) -> Path:
         return hosting.workspace(request).training if hosting.shared else output_root
@@ -280,8 +294,10 @@ def build_train_tab(output_root: Path, engine=None, hosting: Hosting | None = No
                 raise ValueError(f"The dataset {train.dataset.strip()!r} does not exist.")
             return train
         train.check_shared()
-        if train.model.strip() not in ("", base):
-            raise ValueError(f"The base model is the server's ({base}); it cannot be changed on this shared server.")
+        if train.model.strip() not in ("", shown_base):
+            raise ValueError(
+                f"The base model is the server's ({shown_base}); it cannot be changed on this shared server."
+            )
         datasets = list_datasets(hosting.workspace(request).uploads)
         if train.dataset not in datasets:
             raise ValueError(f"Pick one of your uploaded datasets ({', '.join(datasets) or 'none yet'}).")

@@ -111,7 +111,7 @@ def build_ui(engine: LensEngine, settings: AppSettings, hosting: Hosting | None 
             with gr.Tab("Recaption", id="recaption"):
                 build_recaption_tab(settings.output_dir / "recaption", hosting)
             with gr.Tab("Train", id="train"):
-                build_train_tab(settings.output_dir / "training", engine, hosting, generate_tab)
+                build_train_tab(settings.output_dir / "training", engine, hosting, generate_tab, settings.train_base)
     hosting.queue.attach(demo)
     enforce_input_types(demo)
     return demo

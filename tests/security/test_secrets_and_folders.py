@@ -9,6 +9,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import yaml
 from app_server_support import running_app, wait_until_ready
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -129,7 +130,8 @@ def test_the_page_and_images_never_show_where_the_server_keeps_its_model(tiny_ch
     server_folder = str(tiny_checkpoint.parent)
     (tmp_path / "ok").mkdir()
     (tmp_path / "missing").mkdir()
-    with running_app(tmp_path / "ok", "--shared", "--model", str(tiny_checkpoint)) as (url, output_dir):
+    flags = ("--shared", "--model", str(tiny_checkpoint), "--allow-training", "--train-base", str(tiny_checkpoint))
+    with running_app(tmp_path / "ok", *flags) as (url, output_dir):
         client = Client(url, verbose=False)
         wait_until_ready(client)
         status = client.predict(api_name="/model_status")
@@ -142,6 +144,26 @@ def test_the_page_and_images_never_show_where_the_server_keeps_its_model(tiny_ch
         assert read_settings(saved).model == tiny_checkpoint.name and server_folder not in saved.read_bytes().decode(
             "latin-1"
         )
+
+        # The Train tab trains the server's base (--train-base) and shows its name; a failed run's message names
+        # the visitor's own files relative to their workspace, never the server's folders.
+        base_box = next(
+            c for c in client.config["components"] if c["props"].get("label") == "Base model (the server's)"
+        )
+        assert base_box["props"]["value"] == tiny_checkpoint.name
+        dataset = client.predict(
+            [handle_file(str(images_zip(tmp_path / "small.zip")))], api_name="/recaption_upload_zip"
+        )
+        name = dataset[0]["value"]
+        start = client.predict(name, "", "cpu", "leak", 2, 1e-4, 4, "", "", "", api_name="/train_start")
+        (run,) = (output_dir / "users").glob("*/training/leak")
+        assert yaml.safe_load((run / "config.yaml").read_text())["model"]["path"] == str(tiny_checkpoint)
+        deadline, text = time.monotonic() + 120, start[0]
+        while "failed" not in text and time.monotonic() < deadline:  # 32x24 images: too small for any bucket
+            time.sleep(0.2)
+            text = client.predict(api_name="/train_status")[0]
+        assert "failed" in text and f"uploads/{name}" in text, text
+        assert str(output_dir) not in text and server_folder not in text
 
     missing = tmp_path / "private-weights" / "Lens-Turbo"
     with running_app(tmp_path / "missing", "--shared", "--model", str(missing), "--local-files-only") as (url, _):
