@@ -37,7 +37,7 @@ from app.uploads import (
     new_upload_folder,
     save_dataset_files,
 )
-from app.workspace import WorkspaceError
+from app.workspace import WorkspaceError, strip_root
 from lens_core.image_io import BadImageError, load_image
 from training.jobs import Job, start_recaption
 from training.recaption.config import BACKENDS, OUTPUT_FORMATS, PRECISIONS, RecaptionConfig
@@ -234,9 +234,30 @@ def poll_job(state: RecaptionSession | None) -> tuple:
     running = session.job.running()
     text, thumbs = progress_view(session.job.events(), running, session.job.exit_code(), session)
     if not running and session.job.exit_code() not in (0, 1, 130):
-        text += f"\n\n```\n{session.job.log_tail(1500)}\n```"
+        text += "\n\n" + _crash_log(session, session.job)
     report, histogram = statistics(session.output_dir) if not running else (gr.skip(), gr.skip())
-    return text, thumbs, gr.Timer(active=running), report, histogram
+    if not running:
+        report = _for_visitor(session, report)
+    return _for_visitor(session, text), thumbs, gr.Timer(active=running), report, histogram
+
+
+def _for_visitor(session: RecaptionSession, value):
+    """A text or a report as the session's owner reads it: on a shared server, with the workspace folder left out of
+    every path (a failure reason names the file)."""
+    if not session.confined_to or value is None:
+        return value
+    if isinstance(value, str):
+        return strip_root(value, session.confined_to)
+    return json.loads(strip_root(json.dumps(value), session.confined_to))
+
+
+def _crash_log(session: RecaptionSession, job: Job) -> str:
+    """The end of a crashed job's log for the person at the machine; a shared server's visitor gets a pointer to the
+    server's log instead (a traceback names the server's folders and packages)."""
+    if session.confined_to is None:
+        return f"```\n{job.log_tail(1500)}\n```"
+    logger.error("A recaption job ended with exit code %s:\n%s", job.exit_code(), job.log_tail(4000))
+    return f"The recaption process ended unexpectedly (exit code {job.exit_code()}); the server's log has the details."
 
 
 def stop_job(state: RecaptionSession | None) -> str:
@@ -264,10 +285,10 @@ def preview(state: RecaptionSession | None, values: dict[str, Any], output_root:
         raise gr.Error("The preview took longer than 10 minutes and was stopped.") from None
     items = [event for event in job.events() if event.get("event") == "item"]
     if not items:
-        raise gr.Error(f"The preview produced no captions. Log:\n{job.log_tail(800)}")
+        raise gr.Error(f"The preview produced no captions. {_crash_log(session, job)}")
     lines = [f"**{item['key']}**: " + (item.get("caption") or f"failed: {item.get('reason')}") for item in items]
     thumbs = [thumb for item in items if (thumb := _thumbnail(item, session))]
-    return session, "\n\n".join(lines), thumbs
+    return session, _for_visitor(session, "\n\n".join(lines)), thumbs
 
 
 def load_review(state: RecaptionSession | None, output_dir: str, flagged_only: bool) -> tuple:
@@ -281,7 +302,8 @@ def load_review(state: RecaptionSession | None, output_dir: str, flagged_only: b
     session.output_dir = folder
     rows, keys = review_table(folder, flagged_only)
     report, histogram = statistics(folder)
-    return session, rows, gr.Dropdown(choices=keys, value=keys[0] if keys else None), report, histogram
+    keys_update = gr.Dropdown(choices=keys, value=keys[0] if keys else None)
+    return session, rows, keys_update, _for_visitor(session, report), histogram
 
 
 def show_caption(state: RecaptionSession | None, key: str | None) -> tuple:

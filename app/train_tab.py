@@ -29,6 +29,7 @@ from app.access import Hosting
 from app.generate_tab import select_loras
 from app.serving import served_copy
 from app.uploads import list_datasets
+from app.workspace import strip_root
 from lens_core.engine import EngineNotReady, list_loras, public_model_name
 from lens_core.presets import TINY_MODEL, VARIANTS
 from training.config import PRESET_NAMES, PRESETS, TrainConfig, parse_override
@@ -153,7 +154,7 @@ def preset_rank(name: str) -> int:
 def without_server_paths(text: str, workspace_root: Path, base: str) -> str:
     """A run's message as a shared server's visitor may read it: paths in their workspace relative to it, and the
     server's base model by its name (a run's error can name either)."""
-    text = text.replace(str(workspace_root) + os.sep, "").replace(str(workspace_root), ".")
+    text = strip_root(text, workspace_root)
     return text.replace(base, public_model_name(base)) if base else text
 
 

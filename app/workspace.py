@@ -32,6 +32,13 @@ MAX_REMEMBERED_SESSIONS = 50_000  # anonymous sessions whose workspace is rememb
 _ANONYMOUS_ID = re.compile(r"anon-[0-9a-f]{32}")
 
 
+def strip_root(text: str, root: str | Path) -> str:
+    """`text` with the workspace folder `root` left out of the paths it names (`<root>/uploads/x` -> `uploads/x`):
+    what a shared server's visitor reads never shows where the server keeps their files."""
+    root = str(root).rstrip(os.sep)
+    return text.replace(root + os.sep, "").replace(root, ".")
+
+
 def folder_bytes(root: Path) -> int:
     """Bytes held by the files under `root`: links are not followed, and a file hard-linked twice counts once."""
     total, seen = 0, set()

@@ -5,6 +5,7 @@ tab's data.cache_dir)."""
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -174,3 +175,32 @@ def test_the_page_and_images_never_show_where_the_server_keeps_its_model(tiny_ch
             time.sleep(0.2)
             status = client.predict(api_name="/model_status")
         assert "No model loaded" in status and str(missing.parent) not in status and "private-weights" not in status
+
+
+def test_recaption_failures_name_files_relative_to_the_visitors_workspace(space_app, tmp_path):
+    """A failure reason (in the progress text and the statistics; here a caption that cannot be written) names the
+    file inside the visitor's workspace, not the server folder that workspace lives in."""
+    visitor = space_app.client()
+    archive = images_zip(tmp_path / "set.zip", count=2)
+    with zipfile.ZipFile(archive, "a") as extra:
+        extra.writestr("set/broken.png", b"\x89PNG\r\n\x1a\n not really")
+        # A folder where img0's caption file would go: writing that caption fails, and the reason names the path.
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 24), (200, 10, 10)).save(buffer, format="PNG")
+        extra.writestr("set/img0.txt/inner.png", buffer.getvalue())
+    name = visitor.predict([handle_file(str(archive))], api_name="/recaption_upload_zip")[0]["value"]
+    visitor.predict(
+        name, "house-vlm", "dense", 100, 1, 1, "auto", 64, ["sidecar"], False, "", api_name="/recaption_start"
+    )
+    deadline = time.monotonic() + 120
+    while "finished" not in (outcome := visitor.predict(api_name="/recaption_poll"))[0]:
+        assert time.monotonic() < deadline, outcome[0]
+        time.sleep(0.2)
+    text, report = outcome[0], outcome[3]
+    assert "4 / 4 images, 2 captioned, 2 failed" in text and report["failed"] == 2, (text, report)
+    shown = text + json.dumps(report)
+    assert (
+        f"could not write uploads/{name}/set/img0.txt" in shown
+        and str(space_app.output_dir) not in shown
+        and str(space_app.workspaces()) not in shown
+    )
