@@ -495,7 +495,12 @@ class LensEngine:
             self.loras, self._lora_files = [], []
             adapters = [f"lora_{index}" for index in range(len(wanted))]
             for adapter, (name, weight) in zip(adapters, wanted, strict=True):
-                pipe.load_lora_weights(available[name], adapter_name=adapter, weight=weight)
+                try:
+                    pipe.load_lora_weights(available[name], adapter_name=adapter, weight=weight)
+                except (ValueError, OSError) as error:  # named as the caller names it: no server path in the message
+                    pipe.unload_lora_weights()
+                    reason = str(error).replace(str(available[name]), name)
+                    raise ValueError(f"The LoRA {name!r} could not be loaded: {reason}") from None
             if adapters and hasattr(pipe, "set_adapters"):
                 pipe.set_adapters(adapters, adapter_weights=[weight for _, weight in wanted])
             self.loras, self._lora_files = wanted, files

@@ -226,6 +226,26 @@ def test_each_workspace_keeps_its_own_active_loras(engine):
     assert for_bob.paths[0].is_relative_to(bob) and for_alice.paths[0].is_relative_to(alice)
 
 
+def test_a_bad_lora_is_named_as_its_caller_names_it_and_the_engine_keeps_serving(engine):
+    """A LoRA that cannot be loaded is reported by its name in the caller's list, never by the server path, and
+    leaves no half-loaded adapter behind."""
+    from safetensors.torch import save_file
+
+    bad = engine.config.output_dir / "loras" / "empty.safetensors"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    save_file({}, bad)
+    try:
+        with pytest.raises(
+            ValueError, match="The LoRA 'loras/empty.safetensors' could not be loaded: .*no tensors"
+        ) as raised:
+            engine.set_loras([("loras/empty.safetensors", 1.0)])
+        assert str(engine.config.output_dir) not in str(raised.value) and engine.loras == []
+        result = engine.generate(GenerationRequest(prompt="a fox", seed=1, loras=[], **SMALL))
+        assert result.settings[0].loras == []
+    finally:
+        bad.unlink()
+
+
 def test_a_missing_model_leaves_the_engine_serving_with_an_explanation(tmp_path):
     engine = LensEngine(
         EngineConfig(output_dir=tmp_path, model=str(tmp_path / "no-such-folder"), local_files_only=True)
