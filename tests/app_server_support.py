@@ -88,6 +88,18 @@ def wait_until_ready(client, timeout_s: float = 180) -> str:
     raise RuntimeError(f"The model did not become ready: {status}")
 
 
+def poll_until(client, api_name: str, done: Callable, what: str, limit_s: float = 600, **kwargs):
+    """Ask an endpoint (a status poll the page itself makes) until `done(answer)`, and return that answer; the cap
+    only turns a hang into a failure that shows the last answer, so a slow machine waits longer, never fails."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        answer = client.predict(api_name=api_name, **kwargs)
+        if done(answer):
+            return answer
+        assert time.monotonic() < deadline, f"{what}: last answer {answer!r}"
+        time.sleep(0.2)
+
+
 def wait_for_status(job, code, timeout_s: float = 120) -> None:
     """Poll a gradio_client job until it reports `code` (e.g. queued, processing; a running /generate job also
     reports its progress, which counts as processing)."""

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server_support import running_app, wait_for_status, wait_until_ready
+from app_server_support import poll_until, running_app, wait_for_status, wait_until_ready
 from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from PIL import Image, PngImagePlugin
@@ -251,9 +251,7 @@ def test_without_weights_the_page_explains_and_offers_the_demo_model(tmp_path):
     missing = tmp_path / "no-lens-here"
     with running_app(tmp_path, "--model", str(missing), "--local-files-only") as (url, _output_dir):
         client = Client(url, verbose=False)
-        deadline = time.monotonic() + 60
-        while "loading" in (status := client.predict(api_name="/model_status")).lower() and time.monotonic() < deadline:
-            time.sleep(0.3)
+        status = poll_until(client, "/model_status", lambda answer: "loading" not in answer.lower(), "model load")
         assert "No model loaded" in status and "no-lens-here" in status and "--model" in status
         with pytest.raises(Exception, match="No model loaded"):
             client.predict(prompt="a fox", api_name="/generate", **SMALL)

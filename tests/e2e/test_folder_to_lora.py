@@ -6,12 +6,11 @@ and its PNG settings name the LoRA. Every wait is on an event the app reports (s
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from app_server_support import running_app, wait_until_ready
+from app_server_support import poll_until, running_app, wait_until_ready
 from messy_folder import ALT_TEXT, GOOD_KEYS, make_messy_folder
 from PIL import Image
 from recaption.fake_server import FakeOpenAIServer
@@ -30,17 +29,6 @@ monitor.sample_every=0
 monitor.tensorboard=false
 loop.gradient_checkpointing=false
 """
-
-
-def _until(client, api_name: str, done, what: str, limit_s: float = 600):
-    """Ask an endpoint until `done(answer)`; the cap only turns a hang into a failure with the last answer."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        answer = client.predict(api_name=api_name)
-        if done(answer):
-            return answer
-        assert time.monotonic() < deadline, f"{what}: last answer {answer!r}"
-        time.sleep(0.5)
 
 
 def _generate(client, seed: int, **extra) -> tuple[np.ndarray, Path]:
@@ -75,7 +63,7 @@ def test_messy_folder_to_a_lora_in_the_generate_tab(tmp_path, monkeypatch):
             2, 4, "auto", 320, ["sidecar", "jsonl"], False, "",
             api_name="/recaption_start",
         )  # fmt: skip
-        status = _until(client, "/recaption_poll", lambda a: a[0].startswith("**finished"), "recaption")
+        status = poll_until(client, "/recaption_poll", lambda a: a[0].startswith("**finished"), "recaption")
         assert status[0].startswith("**finished with failures**: 7 / 7 images, 6 captioned, 1 failed"), status[0]
         assert {path.name: path.read_bytes() for path in photos.iterdir()} == untouched
         rows = {
@@ -89,7 +77,7 @@ def test_messy_folder_to_a_lora_in_the_generate_tab(tmp_path, monkeypatch):
 
         # 2. Train a LoRA on that folder as it is, with the tiny model.
         client.predict(str(captions), "tiny", "cpu", "e2e", 8, 1e-2, 4, "", "", TRAIN_SETTINGS, api_name="/train_start")
-        finished = _until(client, "/train_status", lambda a: ": done" in a[0] or ": failed" in a[0], "training")
+        finished = poll_until(client, "/train_status", lambda a: ": done" in a[0] or ": failed" in a[0], "training")
         run = outputs / "training" / "e2e"
         assert ": done" in finished[0], f"{finished[0]}\n{(run / 'train.log').read_text()[-3000:]}"
         report = json.loads((run / "data_report.json").read_text())

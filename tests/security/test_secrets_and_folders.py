@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
 from pathlib import Path
 
 import yaml
-from app_server_support import running_app, wait_until_ready
+from app_server_support import poll_until, running_app, wait_until_ready
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -77,10 +76,7 @@ def test_server_configured_backends_work_and_keep_their_key(login_app, tmp_path)
     status = bob.predict(name, "house-vlm", "dense", 100, 1, 1, "auto", 64, ["sidecar"], False, "",
                          api_name="/recaption_start")[0]  # fmt: skip
     assert status.startswith("Started: captions go to uploads/")
-    deadline = time.monotonic() + 120
-    while "finished" not in (text := bob.predict(api_name="/recaption_poll")[0]):
-        assert time.monotonic() < deadline, text
-        time.sleep(0.2)
+    text = poll_until(bob, "/recaption_poll", lambda answer: "finished" in answer[0], "recaption")[0]
     assert "3 / 3 images, 3 captioned" in text
     sent = login_app.endpoint.requests[before:]
     assert len(sent) == 3 and all(r["headers"]["Authorization"] == f"Bearer {login_app.endpoint_key}" for r in sent)
@@ -159,21 +155,16 @@ def test_the_page_and_images_never_show_where_the_server_keeps_its_model(tiny_ch
         start = client.predict(name, "", "cpu", "leak", 2, 1e-4, 4, "", "", "", api_name="/train_start")
         (run,) = (output_dir / "users").glob("*/training/leak")
         assert yaml.safe_load((run / "config.yaml").read_text())["model"]["path"] == str(tiny_checkpoint)
-        deadline, text = time.monotonic() + 120, start[0]
-        while "failed" not in text and time.monotonic() < deadline:  # 32x24 images: too small for any bucket
-            time.sleep(0.2)
-            text = client.predict(api_name="/train_status")[0]
+        assert "leak" in start[0]
+        # 32x24 images: too small for any bucket, so the run fails in its preflight
+        text = poll_until(client, "/train_status", lambda answer: "failed" in answer[0], "training")[0]
         assert "failed" in text and f"uploads/{name}" in text, text
         assert str(output_dir) not in text and server_folder not in text
 
     missing = tmp_path / "private-weights" / "Lens-Turbo"
     with running_app(tmp_path / "missing", "--shared", "--model", str(missing), "--local-files-only") as (url, _):
         client = Client(url, verbose=False)
-        deadline = time.monotonic() + 120
-        status = client.predict(api_name="/model_status")
-        while "Loading" in status and time.monotonic() < deadline:  # the load runs in the background
-            time.sleep(0.2)
-            status = client.predict(api_name="/model_status")
+        status = poll_until(client, "/model_status", lambda answer: "Loading" not in answer, "model load")
         assert "No model loaded" in status and str(missing.parent) not in status and "private-weights" not in status
 
 
@@ -192,10 +183,7 @@ def test_recaption_failures_name_files_relative_to_the_visitors_workspace(space_
     visitor.predict(
         name, "house-vlm", "dense", 100, 1, 1, "auto", 64, ["sidecar"], False, "", api_name="/recaption_start"
     )
-    deadline = time.monotonic() + 120
-    while "finished" not in (outcome := visitor.predict(api_name="/recaption_poll"))[0]:
-        assert time.monotonic() < deadline, outcome[0]
-        time.sleep(0.2)
+    outcome = poll_until(visitor, "/recaption_poll", lambda answer: "finished" in answer[0], "recaption")
     text, report = outcome[0], outcome[3]
     assert "4 / 4 images, 2 captioned, 2 failed" in text and report["failed"] == 2, (text, report)
     shown = text + json.dumps(report)

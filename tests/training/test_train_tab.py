@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from app_server_support import poll_until
 from train_helpers import make_toy_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,16 +70,6 @@ def _start_args(dataset, checkpoint, name: str, steps: int, extra: str = ""):
     return (str(dataset), str(checkpoint), "24gb", name, steps, 1e-3, 4, "sks", "", settings)
 
 
-def _wait_for(client, predicate, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.predict(api_name="/train_status")
-        if predicate(status):
-            return status
-        time.sleep(0.5)
-    pytest.fail(f"timed out; last status {status[0]!r}")
-
-
 def test_bad_input_is_reported(client):
     from gradio_client.exceptions import AppError
 
@@ -93,9 +84,9 @@ def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
     api, root = client
     dataset = make_toy_dataset(tmp_path / "data", copies=1)
     api.predict(*_start_args(dataset, tiny_checkpoint, "tab-run", 2000), api_name="/train_start")
-    _wait_for(api, lambda s: "running, step" in s[0] and "loss" in s[0])
+    poll_until(api, "/train_status", lambda s: "running, step" in s[0] and "loss" in s[0], "training")
     api.predict(api_name="/train_stop")
-    stopped = _wait_for(api, lambda s: ": stopped" in s[0])
+    stopped = poll_until(api, "/train_status", lambda s: ": stopped" in s[0], "stopping")
     assert (root / "tab-run" / "checkpoints").is_dir()
     stopped_step = int(stopped[0].split("step ")[1].split(" /")[0])
     assert 0 < stopped_step < 2000
@@ -104,7 +95,7 @@ def test_start_stop_resume_and_load(client, tiny_checkpoint, tmp_path):
         (root / "tab-run" / "config.yaml").read_text().replace("max_steps: 2000", f"max_steps: {stopped_step + 5}")
     )
     api.predict("tab-run", api_name="/train_resume")
-    done = _wait_for(api, lambda s: ": done" in s[0])
+    done = poll_until(api, "/train_status", lambda s: ": done" in s[0], "training")
     assert done[3].endswith("tab-run.safetensors") and Path(done[3]).is_file()
     assert done[2], "the samples gallery is empty"
     message = api.predict(done[3], api_name="/train_load_lora")
