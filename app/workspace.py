@@ -39,29 +39,23 @@ def strip_root(text: str, root: str | Path) -> str:
     return text.replace(root + os.sep, "").replace(root, ".")
 
 
+def _everything_under(root: Path):
+    """`os.lstat` of every folder and file under `root` (links are not followed; what vanishes meanwhile is skipped)."""
+    for folder, folders, files in os.walk(root):
+        for name in (*folders, *files):
+            with contextlib.suppress(OSError):
+                yield os.lstat(os.path.join(folder, name))
+
+
 def folder_bytes(root: Path) -> int:
     """Bytes held by the files under `root`: links are not followed, and a file hard-linked twice counts once."""
-    total, seen = 0, set()
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                info = os.lstat(os.path.join(folder, name))
-            except OSError:  # removed while we walked
-                continue
-            if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
-                seen.add((info.st_dev, info.st_ino))
-                total += info.st_size
-    return total
+    files = {(info.st_dev, info.st_ino): info.st_size for info in _everything_under(root) if stat.S_ISREG(info.st_mode)}
+    return sum(files.values())
 
 
 def newest_change(root: Path) -> float:
     """The latest modification time of `root` or anything under it (a running job keeps it recent)."""
-    newest = os.lstat(root).st_mtime
-    for folder, folders, files in os.walk(root):
-        for name in (*folders, *files):
-            with contextlib.suppress(OSError):
-                newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
-    return newest
+    return max([os.lstat(root).st_mtime, *(info.st_mtime for info in _everything_under(root))])
 
 
 class WorkspaceError(ValueError):

@@ -76,18 +76,6 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log: 
     raise RuntimeError(f"app.py did not open port {port} within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def wait_until_ready(client, timeout_s: float = 180) -> str:
-    """Poll `/model_status` until the model is loaded (the app loads it in the background)."""
-    deadline = time.monotonic() + timeout_s
-    status = ""
-    while time.monotonic() < deadline:
-        status = client.predict(api_name="/model_status")
-        if "ready" in status:
-            return status
-        time.sleep(0.5)
-    raise RuntimeError(f"The model did not become ready: {status}")
-
-
 def poll_until(client, api_name: str, done: Callable, what: str, limit_s: float = 600, **kwargs):
     """Ask an endpoint (a status poll the page itself makes) until `done(answer)`, and return that answer; the cap
     only turns a hang into a failure that shows the last answer, so a slow machine waits longer, never fails."""
@@ -100,16 +88,24 @@ def poll_until(client, api_name: str, done: Callable, what: str, limit_s: float 
         time.sleep(0.2)
 
 
-def wait_for_status(job, code, timeout_s: float = 120) -> None:
-    """Poll a gradio_client job until it reports `code` (e.g. queued, processing; a running /generate job also
-    reports its progress, which counts as processing)."""
+def wait_until_ready(client, timeout_s: float = 180) -> str:
+    """Poll `/model_status` until the model is loaded (the app loads it in the background)."""
+    return poll_until(client, "/model_status", lambda status: "ready" in status, "model load", limit_s=timeout_s)
+
+
+def wait_for_status(job, *codes, timeout_s: float = 120) -> None:
+    """Until the gradio_client `job` reports one of `codes`. Its status is what the client's own listener thread last
+    received (in memory: reading it sends no request); `Status.PROCESSING` also accepts `PROGRESS` (a running
+    /generate job reports its steps). The cap only turns a hang into a failure."""
     from gradio_client.utils import Status
 
-    codes = (Status.PROCESSING, Status.PROGRESS) if code == Status.PROCESSING else (code,)
+    wanted = set(codes) | ({Status.PROGRESS} if Status.PROCESSING in codes else set())
     deadline = time.monotonic() + timeout_s
-    while job.status().code not in codes:
-        assert time.monotonic() < deadline, f"job stayed {job.status().code}, expected {code}"
-        time.sleep(0.05)
+    while job.status().code not in wanted:
+        assert time.monotonic() < deadline, (
+            f"job stayed {job.status().code}, expected one of {sorted(map(str, wanted))}"
+        )
+        time.sleep(0.02)
 
 
 class ChatEndpoint:

@@ -156,17 +156,6 @@ def test_bad_api_values_get_clear_errors(client, changes, message):
         client.predict(api_name="/generate", **{"prompt": "a fox", **SMALL, **changes})
 
 
-def _wait_until_received(job, timeout_s: float = 120) -> None:
-    """Return once the server has the job in its queue (or has already run it): the event that fixes its place."""
-    from gradio_client.utils import Status
-
-    received = (Status.IN_QUEUE, Status.PROCESSING, Status.PROGRESS, Status.ITERATING, Status.FINISHED)
-    deadline = time.monotonic() + timeout_s
-    while not job.done() and job.status().code not in received:
-        assert time.monotonic() < deadline, f"the server never received the job ({job.status().code})"
-        time.sleep(0.02)
-
-
 def test_two_clients_at_once_get_their_own_images_in_order(app_server):
     clients = [Client(app_server[0], verbose=False) for _ in range(2)]
     order = [(0, 0), (1, 0), (0, 1), (1, 1)]  # interleaved submissions from the two clients
@@ -175,7 +164,8 @@ def test_two_clients_at_once_get_their_own_images_in_order(app_server):
         jobs[(index, repeat)] = clients[index].submit(
             prompt=f"client {index} image {repeat}", seed=100 * index + repeat, api_name="/generate", **SMALL
         )
-        _wait_until_received(jobs[(index, repeat)])  # so the queue receives them in this order
+        # Until the server has it queued (or already ran it): so the queue receives them in this order.
+        wait_for_status(jobs[(index, repeat)], Status.IN_QUEUE, Status.PROCESSING, Status.ITERATING, Status.FINISHED)
     counters = []
     for key in order:
         files, info = jobs[key].result(timeout=120)
