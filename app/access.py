@@ -19,7 +19,7 @@ import gradio as gr
 from app.backends import ServerBackends
 from app.queue_control import QueueControl
 from app.settings import AppSettings, HostingMode
-from app.uploads import UploadLimits
+from app.uploads import UploadLimits, find_dataset, list_datasets
 from app.workspace import Workspace, Workspaces
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ class Hosting:
         login = getattr(request, "username", None) if request is not None else None
         session = getattr(request, "session_hash", None) if request is not None else None
         return self.workspaces.for_caller(login, session)
+
+    def dataset_names(self, request: gr.Request | None) -> list[str]:
+        """The caller's uploaded datasets, newest first (what the dataset dropdowns offer)."""
+        return list(list_datasets(self.workspace(request).uploads))
+
+    def dataset(self, request: gr.Request | None, name) -> Path:
+        """The folder of the caller's uploaded dataset `name`, resolved inside their workspace; ValueError (an
+        UploadError naming the choices) for anything else."""
+        workspace = self.workspace(request)
+        return workspace.resolve(find_dataset(workspace.uploads, name))
 
     def room_bytes(self, workspace: Workspace) -> int | None:
         """What `workspace` has left under its quota (None: no quota, as in personal mode)."""

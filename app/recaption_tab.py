@@ -33,7 +33,6 @@ from app.uploads import (
     delete_dataset,
     discard_temporary_upload,
     extract_dataset_zip,
-    list_datasets,
     new_upload_folder,
     save_dataset_files,
 )
@@ -380,12 +379,8 @@ def use_demo_model(output_root: Path) -> tuple:
 def shared_values(values: dict[str, Any], hosting: Hosting, request: gr.Request | None) -> dict[str, Any]:
     """A shared server's widget values (a dataset name, a backend name) -> the config values: the folder of the
     caller's dataset and the endpoint of the server's backend. Nothing the caller sends names a path or URL."""
-    workspace = hosting.workspace(request)
-    datasets = list_datasets(workspace.uploads)
-    name = values.get("inputs")
-    if name not in datasets:
-        raise gr.Error(f"Pick one of your uploaded datasets ({', '.join(datasets) or 'none yet: upload a zip'}).")
     try:
+        dataset = hosting.dataset(request, values.get("inputs"))
         backend = hosting.backends.pick("recaption", values.get("backend"))
     except ValueError as error:
         raise gr.Error(str(error)) from None
@@ -400,7 +395,7 @@ def shared_values(values: dict[str, Any], hosting: Hosting, request: gr.Request 
     defaults = RecaptionConfig()
     return {
         **values,
-        "inputs": str(workspace.resolve(datasets[name])),
+        "inputs": str(dataset),
         "output_dir": "",  # captions next to the uploaded images, inside the workspace
         "backend": backend.kind,
         "model": model,
@@ -565,7 +560,7 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
             histogram = gr.Image(label="Caption length histogram", type="pil", interactive=False)
 
     def dataset_choices(request: gr.Request | None, selected: str | None = None) -> tuple:
-        names = list(list_datasets(hosting.workspace(request).uploads))
+        names = hosting.dataset_names(request)
         return gr.update(choices=names, value=selected), gr.update(choices=names)
 
     def on_upload(current: RecaptionSession | None, files, request: gr.Request) -> tuple:
@@ -594,14 +589,14 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
     def on_review(current: RecaptionSession | None, folder, only_flagged: bool, request: gr.Request) -> tuple:
         session, _root = place(request, current)
         if hosting.shared and folder:
-            datasets = list_datasets(hosting.workspace(request).uploads)
-            if folder not in datasets:
-                raise gr.Error(f"Pick one of your datasets ({', '.join(datasets) or 'none yet'}).")
-            folder = str(datasets[folder])
+            try:
+                folder = str(hosting.dataset(request, folder))
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
         return load_review(session, folder or "", only_flagged)
 
     def refresh_choices(current, request: gr.Request):
-        return gr.update(choices=list(list_datasets(hosting.workspace(request).uploads)), value=current)
+        return gr.update(choices=hosting.dataset_names(request), value=current)
 
     def on_delete(current: RecaptionSession | None, name, request: gr.Request) -> tuple:
         """Shared mode: delete one of the caller's uploaded datasets (the way to make room under the quota)."""
@@ -613,7 +608,7 @@ def build_recaption_tab(output_root: Path, hosting: Hosting | None = None) -> No
             delete_dataset(workspace.uploads, name, workspace.resolve)
         except (UploadError, WorkspaceError) as error:
             raise gr.Error(str(error)) from None
-        names = list(list_datasets(workspace.uploads))
+        names = hosting.dataset_names(request)
         message = f"Deleted the dataset {name}."
         return session, gr.update(choices=names, value=None), gr.update(choices=names, value=None), message
 

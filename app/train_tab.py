@@ -28,7 +28,6 @@ import torch
 from app.access import Hosting
 from app.generate_tab import select_loras
 from app.serving import served_copy
-from app.uploads import list_datasets
 from app.workspace import strip_root
 from lens_core.engine import EngineNotReady, list_loras, public_model_name
 from lens_core.presets import TINY_MODEL, VARIANTS
@@ -299,10 +298,7 @@ def build_train_tab(
             raise ValueError(
                 f"The base model is the server's ({shown_base}); it cannot be changed on this shared server."
             )
-        datasets = list_datasets(hosting.workspace(request).uploads)
-        if train.dataset not in datasets:
-            raise ValueError(f"Pick one of your uploaded datasets ({', '.join(datasets) or 'none yet'}).")
-        return dataclasses.replace(train, dataset=str(datasets[train.dataset]), model=base)
+        return dataclasses.replace(train, dataset=str(hosting.dataset(request, train.dataset)), model=base)
 
     def on_start(request: gr.Request, *values):
         hosting.require_training()
@@ -372,6 +368,6 @@ def build_train_tab(
     if hosting.shared:
 
         def dataset_choices(current, request: gr.Request):
-            return gr.update(choices=list(list_datasets(hosting.workspace(request).uploads)), value=current)
+            return gr.update(choices=hosting.dataset_names(request), value=current)
 
         dataset.focus(dataset_choices, dataset, dataset, api_visibility="private", queue=False, show_progress="hidden")

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from lens_core.image_io import IMAGE_EXTENSIONS
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # what the image module (and so recaption and training) reads
 CAPTION_SUFFIXES = (".txt",)
 METADATA_NAME = "metadata.jsonl"  # the Hugging Face imagefolder captions: the only .jsonl a dataset needs
 IGNORED_PARTS = ("__MACOSX", ".DS_Store", "Thumbs.db")  # what zip tools add; skipped without a word
@@ -257,13 +259,20 @@ def list_datasets(uploads: Path) -> dict[str, Path]:
     return {path.name: path for path in sorted(folders, key=lambda path: path.stat().st_mtime, reverse=True)}
 
 
-def delete_dataset(uploads: Path, name, inside: Callable[[Path], Path]) -> None:
-    """Delete the uploaded dataset `name` (one of `list_datasets(uploads)`, nothing else); `inside` resolves the
-    folder and refuses one outside the caller's workspace (`Workspace.resolve`)."""
+def find_dataset(uploads: Path, name) -> Path:
+    """The folder of the uploaded dataset `name`: one of `list_datasets(uploads)` and nothing else, whatever the
+    client sent; UploadError naming the choices otherwise."""
     datasets = list_datasets(uploads)
     if not isinstance(name, str) or name not in datasets:
-        raise UploadError(f"{name!r} is not one of your datasets; yours: {', '.join(datasets) or 'none yet'}.")
-    folder = inside(datasets[name])
+        choices = ", ".join(datasets) or "none yet: upload a zip"
+        raise UploadError(f"Pick one of your uploaded datasets ({choices}); {name!r} is not one of your datasets.")
+    return datasets[name]
+
+
+def delete_dataset(uploads: Path, name, inside: Callable[[Path], Path]) -> None:
+    """Delete the uploaded dataset `name` (`find_dataset`); `inside` resolves the folder and refuses one outside the
+    caller's workspace (`Workspace.resolve`)."""
+    folder = inside(find_dataset(uploads, name))
     if folder.parent != Path(inside(uploads)) or folder.is_symlink():
         raise UploadError(f"{name!r} is not one of your datasets.")
     shutil.rmtree(folder)

@@ -162,9 +162,11 @@ class Workspaces:
         return self.output_dir / USERS_SUBDIR
 
     def _workspace(self, folder: str, owner: str) -> Workspace:
+        """The workspace named `folder`. Nothing is created here (a caller that only reads, or a client sending a
+        fresh session id with every request, leaves nothing on disk); what writes into it creates the folders."""
         root = self.users_root / folder
-        root.mkdir(parents=True, exist_ok=True)
-        os.utime(root)  # its last use: what `expire_anonymous` goes by
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(root)  # its last use: what `expire_anonymous` goes by
         return Workspace(Path(os.path.realpath(root)), owner, confined=True)
 
     def for_login(self, login: str) -> Workspace:
@@ -179,7 +181,7 @@ class Workspaces:
         return Workspace(self.output_dir, "local", confined=False)
 
     def for_session(self, session: str | None) -> Workspace:
-        """The anonymous workspace of a browser session, created on first use."""
+        """The anonymous workspace of a browser session (its folder appears with the first file written into it)."""
         if not self.shared:
             return self.personal()
         with self._lock:

@@ -237,6 +237,10 @@ def test_login_throttle_in_a_running_app(tmp_path):
     with gr.Blocks() as demo:
         gr.Markdown("hello")
     options = {**launch_options(settings, hosting), "server_port": None, "prevent_thread_lock": True, "quiet": True}
+    # The app's own middleware, with a clock that stands still: the waits never run out while the test logs in,
+    # however slowly a loaded machine sends the 31 requests.
+    (throttling,) = options["app_kwargs"]["middleware"]
+    throttling.kwargs["throttle"] = LoginThrottle(clock=lambda: 0.0)
     demo.launch(**options)
     try:
         http = httpx.Client(base_url=demo.local_url)
@@ -334,7 +338,7 @@ def test_quota_refuses_work_in_a_full_workspace_only_in_shared_mode(tmp_path):
     hosting = Hosting.from_settings(settings)
     workspace = hosting.workspaces.for_login("ann")
     assert hosting.room_bytes(workspace) == 4000 and hosting.upload_limits_for(workspace).room_bytes == 4000
-    (workspace.images).mkdir()
+    workspace.images.mkdir(parents=True)
     (workspace.images / "x.png").write_bytes(b"x" * 4000)
     with pytest.raises(gr.Error, match=r"Your workspace is full .* so a new image cannot start: delete images"):
         hosting.require_room(workspace, "a new image")
@@ -360,9 +364,12 @@ def test_idle_anonymous_workspaces_expire_and_login_workspaces_never_do(tmp_path
     busy = workspaces.for_session("s-busy")  # old folder, but a job wrote a file in it recently
     recent = workspaces.for_session("s-recent")
     login = workspaces.for_login("ann")
-    (busy.root / "training").mkdir()
+    assert not workspaces.users_root.exists()  # asking for a workspace writes nothing; the first file does
+    for workspace in (recent, login):
+        (workspace.root / "images").mkdir(parents=True)
+    (busy.root / "training").mkdir(parents=True)
     (busy.root / "training" / "progress.jsonl").write_text("{}\n")
-    (idle.root / "images").mkdir()
+    (idle.root / "images").mkdir(parents=True)
     (idle.root / "images" / "a.png").write_bytes(b"x")
     old = time.time() - 20 * 86400
     for path in (idle.root, idle.root / "images", idle.root / "images" / "a.png", busy.root, login.root):
@@ -370,7 +377,7 @@ def test_idle_anonymous_workspaces_expire_and_login_workspaces_never_do(tmp_path
     assert workspaces.expire_anonymous(14) == [idle.root.name]
     assert not idle.root.exists() and busy.root.exists() and recent.root.exists() and login.root.exists()
     fresh = workspaces.for_session("s-idle")  # the browser comes back: a new, empty workspace
-    assert fresh.root != idle.root and not any(fresh.root.iterdir())
+    assert fresh.root != idle.root and not fresh.root.exists()
     assert Workspaces(tmp_path / "personal", shared=False).expire_anonymous(0) == []
 
 

@@ -93,7 +93,7 @@ def test_no_server_folder_can_be_read_or_written(login_app, space_app, tmp_path)
     alice = login_app.raw("alice")
     # Recaption: review an outside folder (today: its captions and images were shown).
     outcome = alice.call("recaption_load_review", [None, str(outside), False])
-    assert refused(outcome, "Pick one of your datasets")
+    assert refused(outcome, "Pick one of your uploaded datasets")
     # Train: the dataset, the base model and data.cache_dir name server paths.
     settings = "\n".join(["model.base_precision=fp32", f"data.cache_dir={tmp_path / 'cache-outside'}"])
     args = [str(outside), "tiny", "24gb", "escape", 5, 1e-3, 4, "", "", settings]

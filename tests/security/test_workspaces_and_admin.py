@@ -56,14 +56,16 @@ def test_anonymous_visitors_have_separate_workspaces_kept_by_a_signed_id(space_a
     folder = token.split(".")[0]
     reloaded = space_app.raw()
     assert reloaded.call("adopt", [token]).data[0] == token
-    assert (space_app.workspaces() / folder).is_dir()
     victim = next(path.name for path in space_app.workspaces().iterdir() if path.name != folder)
+    folders = sorted(space_app.workspaces().iterdir())
     for forged in (f"{victim}.{'0' * 64}", f"{victim}.{token.split('.')[1]}", victim, "../../etc", 5):
         attacker = space_app.raw()
         answer = attacker.call("adopt", [forged]).data[0]
         assert answer != forged and not answer.startswith(victim)
         listed = attacker.call("list_gallery", []).data[0]
         assert not listed  # a fresh, empty workspace: not the victim's
+    # Sessions that only look (a fresh id per request, as a script may send) leave no folder on the server's disk.
+    assert sorted(space_app.workspaces().iterdir()) == folders and not (space_app.workspaces() / folder).exists()
 
 
 def test_only_admins_change_the_model(login_app, space_app, alice):
