@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .loading import is_hub_source
 from .memory import run_with_oom_guard
 from .metadata import ImageSettings, save_png
 from .presets import (
@@ -230,7 +231,7 @@ def safe_image_path(output_dir: Path, stem: str) -> Path:
 def public_model_name(model: str) -> str:
     """How a model is named to the people who see its images (banner, PNG settings): a Hub id or "tiny" as it is, a
     local folder or single file by its own name only, so a hosted app never shows where the server keeps its weights."""
-    if model == TINY_MODEL or (re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not Path(model).exists()):
+    if model == TINY_MODEL or is_hub_source(model):
         return model
     return Path(model).name or model
 
@@ -368,8 +369,7 @@ class LensEngine:
             logger.info("Loaded %s (%s) with memory mode %s", model, pipe.variant_preset.name, pipe.memory_mode)
 
     def _set_failed(self, model: str, error: Exception) -> None:
-        is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not Path(model).exists()
-        repo = model if is_hub_id else VARIANTS["Lens-Turbo"].repo_ids[0]
+        repo = model if is_hub_source(model) else VARIANTS["Lens-Turbo"].repo_ids[0]
         self.status = "error" if self.pipe is None else "ready"
         self.load_error = f"Could not load `{model}`: {error}\n\n" + MISSING_MODEL_HELP.format(repo=repo)
         if self.pipe is not None:  # the previous model still serves
@@ -477,6 +477,9 @@ class LensEngine:
         empty list removes all. They stay `workspace`'s active set until it sets another."""
         with self.lock:
             pipe = self._require_pipe()
+            if not loras and not self._lora_files:  # the common case, on every image: no folder to list
+                self.loras = self._active_loras[self._workspace_key(workspace)] = []
+                return
             available = list_loras(self.config.output_dir, workspace)
             # A path to one of the offered files (e.g. from the Train tab) is accepted as its name.
             by_path = {path.resolve(): name for name, path in available.items()}
@@ -592,7 +595,7 @@ class LensEngine:
             callback_on_step_end=on_step,
         )
         if cancel_event is not None and cancel_event.is_set():
-            raise GenerationCancelled(f"Cancelled during batch {batch + 1} of {request.batch_count}.")
+            raise GenerationCancelled("Cancelled.")  # the caller says which batch and what was saved
         return output.images
 
     def _settings_for(self, request: GenerationRequest, steps: int, guidance: float, seed: int) -> ImageSettings:

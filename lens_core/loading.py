@@ -91,6 +91,11 @@ def is_repo_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
+def is_hub_source(source: str | Path) -> bool:
+    """Whether `source` names a Hub repo: of the form 'owner/name' and not an existing local path."""
+    return is_repo_id(str(source)) and not Path(source).expanduser().exists()
+
+
 def download_snapshot(repo_id: str, allow_patterns: list[str] | None = None, **hub_kwargs) -> Path:
     """A Hub repo (or the `allow_patterns` part of it) in the local cache; `hub_kwargs` are HUB_DOWNLOAD_KWARGS."""
     from huggingface_hub import snapshot_download

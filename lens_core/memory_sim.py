@@ -5,7 +5,7 @@ but no storage, so the 4.1 B denoiser, the 24-layer GPT-OSS encoder and the FLUX
 whole generation runs in seconds on a CPU. `LiveBytesTracker` (a `TorchDispatchMode`) sums the bytes of every live
 storage per device as the ops run, so parameters, activations, temporaries and everything the memory modes move
 between the devices are counted as they happen. The same tracker runs on real tensors too, which is how the simulator
-is checked against real CPU runs (`calibrate_against_real_run`).
+is checked against real CPU runs (`run_calibrations`).
 
 How the simulation stands in for a CUDA machine on a CPU-only build (each is said again where it is done):
 - The GPU is the fake `meta` device. A CPU build cannot run autograd or Python indexing on fake *cuda* tensors (no

@@ -11,6 +11,7 @@ The attention, norms and router come from transformers' GPT-OSS implementation; 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -84,6 +85,15 @@ _BYTE_CODES = torch.stack([torch.arange(256) & 0x0F, torch.arange(256) >> 4], di
 _FP4_MAGNITUDE_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # rounding thresholds between FP4 magnitudes
 
 
+@functools.cache
+def _mxfp4_tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value of each byte's two FP4 codes ([256, 2]) and of each scale byte ([256]), made once per dtype and
+    device (the streaming modes dequantize about 1,500 experts per prompt)."""
+    byte_values = torch.tensor(FP4_VALUES, dtype=dtype, device=device)[_BYTE_CODES.to(device)]
+    scale_values = torch.exp2(torch.arange(256, dtype=torch.float32, device=device) - 127).to(dtype)
+    return byte_values, scale_values
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """MXFP4 bytes -> dense weights in the layout `x @ W` uses.
 
@@ -94,9 +104,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     """
     if blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match.")
-    device = blocks.device
-    byte_values = torch.tensor(FP4_VALUES, dtype=dtype, device=device)[_BYTE_CODES.to(device)]  # [256, 2]
-    scale_values = torch.exp2(torch.arange(256, dtype=torch.float32, device=device) - 127).to(dtype)  # [256]
+    byte_values, scale_values = _mxfp4_tables(dtype, blocks.device)
     values = byte_values[blocks.to(torch.uint8).long()].flatten(-2)  # [..., out, G, 16, 2] -> [..., out, G, 32]
     values = values * scale_values[scales.long()][..., None]  # [..., out, G, 32]
     return values.flatten(-2).transpose(-1, -2)  # [..., in, out]

@@ -442,10 +442,15 @@ def suggest_preset(total_gib: float | None, adapters_only: bool = False) -> str 
 
 
 def fit_problem(
-    config: TrainConfig, total_gib: float, transformer_config: dict | None = None, vae_config: dict | None = None
+    config: TrainConfig,
+    total_gib: float,
+    transformer_config: dict | None = None,
+    vae_config: dict | None = None,
+    peak: TrainingPeak | None = None,
 ) -> str | None:
-    """None when `config` fits a `total_gib` card by the simulation; else the message, naming the preset that fits."""
-    peak = training_peak(config, transformer_config, vae_config)
+    """None when `config` fits a `total_gib` card by the simulation; else the message, naming the preset that fits.
+    `peak`: `training_peak(config, ...)` when the caller has it already (a simulation can take half a minute)."""
+    peak = peak or training_peak(config, transformer_config, vae_config)
     if peak.card_gib <= total_gib:
         return None
     preset = fitting_preset(total_gib)

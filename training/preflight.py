@@ -69,7 +69,7 @@ def check_device_options(config: TrainConfig) -> None:
 def check_model_source(config: TrainConfig) -> None:
     """A local model folder must hold a Lens checkpoint, and a transformer_file must exist; Hub ids are left to the
     loader (they may still be downloaded)."""
-    from lens_core.loading import read_model_index
+    from lens_core.loading import is_repo_id, read_model_index
     from lens_core.presets import TINY_MODEL
 
     path = config.model.path
@@ -80,7 +80,7 @@ def check_model_source(config: TrainConfig) -> None:
                 f"model.path {path} is a file; give a checkpoint folder (a single-file denoiser goes in model.transformer_file)."
             )
         read_model_index(folder)
-    elif path != TINY_MODEL and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+    elif path != TINY_MODEL and not is_repo_id(path):
         raise ValueError(f"model.path {path!r} is neither an existing folder, a Hub repo id 'owner/name', nor 'tiny'.")
     if config.model.transformer_file and not Path(config.model.transformer_file).is_file():
         raise ValueError(f"model.transformer_file {config.model.transformer_file} does not exist.")
@@ -109,11 +109,10 @@ def check_memory_fit(config: TrainConfig, gpu_gib: float | None) -> None:
     naming the preset that does, before the model is loaded and the features cached."""
     if gpu_gib is None:
         return
-    transformer_config, vae_config = component_configs(config.model.path)
-    problem = fit_problem(config, gpu_gib, transformer_config, vae_config)
+    peak = training_peak(config, *component_configs(config.model.path))
+    problem = fit_problem(config, gpu_gib, peak=peak)
     if problem:
         raise ValueError(problem)
-    peak = training_peak(config, transformer_config, vae_config)
     logger.info(
         "Simulated peak %.1f GiB (%.1f GiB with the CUDA margin) fits the %.1f GiB GPU",
         peak.peak_gib,
